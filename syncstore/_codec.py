@@ -1,0 +1,285 @@
+"""Byte formats of the write-ahead log and of LMDB values -- pure, no I/O.
+
+All integers are big-endian (so that encoded keys sort numerically).  The
+same layout is described, with rationale, in ``docs/format.md``.
+
+WAL segment file ``wal-<first LSN, 20 digits>.log``::
+
+    offset  size  field
+    0       8     magic  b"SSWAL\\x00\\r\\n"  (the CR/LF catch text-mode copies)
+    8       2     format version (1)
+    10      2     reserved, 0
+    12      8     LSN of the first frame in this segment
+    20      4     CRC-32C of bytes 0..20
+    24      ...   frames, back to back
+
+Frame (one WAL record)::
+
+    0       4     L = length of the payload (bytes 8 .. 8+L), 9 <= L <= MAX_PAYLOAD
+    4       4     CRC-32C over bytes 0..4 (the length) followed by the payload
+    8       8     LSN (log sequence number; dense: each frame is previous + 1)
+    16      1     record type
+    17      L-9   record body
+
+A zero length word marks unused (zero-filled) space: the end of the log.
+
+Record type 1, DELIVER (one message delivered to R recipients)::
+
+    0       41    message head (below)
+    41      4     B = body length
+    45      4     R = number of recipients
+    49      B     body
+    49+B    16*R  R pairs of (user id u64, cursor u64): the cursor assigned to
+                  each recipient, so that replay never recomputes anything
+
+Message head (shared by the DELIVER record and the LMDB inbox value)::
+
+    0       8     msg_id
+    8       8     sender
+    16      8     conv (conversation id)
+    24      8     client_seq
+    32      8     ts_ms (message timestamp, ms since the Unix epoch)
+    40      1     priority (0..255)
+
+LMDB inbox value = message head + body (the cursor is in the key).
+
+LMDB dedup value (first delivery of an idempotency key)::
+
+    0       8     msg_id
+    8       4     R
+    12      16*R  (user id, cursor) pairs, as in DELIVER
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from crc32c import crc32c
+
+from .errors import CorruptionError
+
+# --- WAL segment header -------------------------------------------------------
+
+SEGMENT_MAGIC = b"SSWAL\x00\r\n"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER_FMT = ">8sHHQ"  # magic, version, reserved, first LSN (CRC follows)
+SEGMENT_HEADER_BODY_SIZE = 20
+assert struct.calcsize(SEGMENT_HEADER_FMT) == SEGMENT_HEADER_BODY_SIZE
+CRC_FMT = ">I"
+CRC_SIZE = 4
+assert struct.calcsize(CRC_FMT) == CRC_SIZE
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER_BODY_SIZE + CRC_SIZE
+
+# --- frames -------------------------------------------------------------------
+
+FRAME_PREFIX_FMT = ">II"  # payload length, CRC-32C
+FRAME_PREFIX_SIZE = 8
+assert struct.calcsize(FRAME_PREFIX_FMT) == FRAME_PREFIX_SIZE
+FRAME_LEAD_FMT = ">QB"  # LSN, record type: the start of every payload
+FRAME_LEAD_SIZE = 9
+assert struct.calcsize(FRAME_LEAD_FMT) == FRAME_LEAD_SIZE
+#: A frame longer than this is garbage, not a record (bodies are capped far below).
+MAX_PAYLOAD = 1 << 30
+
+RECORD_DELIVER = 1
+RECORD_TYPES = frozenset({RECORD_DELIVER})
+
+# --- messages -----------------------------------------------------------------
+
+MESSAGE_HEAD_FMT = ">QQQQQB"  # msg_id, sender, conv, client_seq, ts_ms, priority
+MESSAGE_HEAD_SIZE = 41
+assert struct.calcsize(MESSAGE_HEAD_FMT) == MESSAGE_HEAD_SIZE
+DELIVER_COUNTS_FMT = ">II"  # body length, recipient count
+DELIVER_COUNTS_SIZE = 8
+assert struct.calcsize(DELIVER_COUNTS_FMT) == DELIVER_COUNTS_SIZE
+PAIR_SIZE = 16  # (user id u64, cursor u64)
+DEDUP_HEAD_FMT = ">QI"  # msg_id, recipient count
+DEDUP_HEAD_SIZE = 12
+assert struct.calcsize(DEDUP_HEAD_FMT) == DEDUP_HEAD_SIZE
+
+_segment_header = struct.Struct(SEGMENT_HEADER_FMT)
+_crc = struct.Struct(CRC_FMT)
+_frame_prefix = struct.Struct(FRAME_PREFIX_FMT)
+_frame_lead = struct.Struct(FRAME_LEAD_FMT)
+_message_head = struct.Struct(MESSAGE_HEAD_FMT)
+_deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
+_dedup_head = struct.Struct(DEDUP_HEAD_FMT)
+_u64 = struct.Struct(">Q")
+
+Pairs = tuple[tuple[int, int], ...]
+
+
+class Deliver(NamedTuple):
+    """A decoded DELIVER record: one message and the cursor of each recipient."""
+
+    msg_id: int
+    sender: int
+    conv: int
+    client_seq: int
+    ts_ms: int
+    priority: int
+    body: bytes
+    pairs: Pairs  # ((user id, cursor), ...)
+
+
+class Frame(NamedTuple):
+    """A decoded frame: where it starts in its file, its LSN, type and body."""
+
+    offset: int
+    end: int
+    lsn: int
+    rtype: int
+    body: bytes
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def crc32c_of(data: bytes, value: int = 0) -> int:
+    """CRC-32C (Castagnoli) of ``data``, continuing from ``value``."""
+    return crc32c(data, value)
+
+
+def pack_u64(value: int) -> bytes:
+    """Encode an unsigned 64-bit integer, big-endian."""
+    return _u64.pack(value)
+
+
+def unpack_u64(data: bytes) -> int:
+    """Decode an unsigned 64-bit big-endian integer."""
+    return _u64.unpack(data)[0]
+
+
+def _pack_pairs(pairs: Pairs) -> bytes:
+    flat = [n for pair in pairs for n in pair]
+    return struct.pack(f">{len(flat)}Q", *flat)
+
+
+def _unpack_pairs(data: bytes, offset: int, count: int) -> Pairs:
+    flat = struct.unpack_from(f">{2 * count}Q", data, offset)
+    return tuple(zip(flat[0::2], flat[1::2]))
+
+
+# --- segment header -----------------------------------------------------------
+
+
+def encode_segment_header(first_lsn: int) -> bytes:
+    """The 24-byte header that starts a WAL segment whose first frame is ``first_lsn``."""
+    head = _segment_header.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, first_lsn)
+    return head + _crc.pack(crc32c(head))
+
+
+def decode_segment_header(data: bytes, path: str | None = None) -> int:
+    """Validate a segment header and return its first LSN.
+
+    Raises :class:`CorruptionError` (naming ``path`` and offset 0) on a short,
+    damaged or foreign header.
+    """
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise CorruptionError("WAL segment header is truncated", path=path, offset=0)
+    magic, version, _reserved, first_lsn = _segment_header.unpack_from(data, 0)
+    (stored,) = _crc.unpack_from(data, SEGMENT_HEADER_BODY_SIZE)
+    if magic != SEGMENT_MAGIC:
+        raise CorruptionError("not a syncstore WAL segment (bad magic)", path=path, offset=0)
+    if stored != crc32c(data[:SEGMENT_HEADER_BODY_SIZE]):
+        raise CorruptionError("WAL segment header fails its CRC", path=path, offset=0)
+    if version != SEGMENT_VERSION:
+        raise CorruptionError(
+            f"WAL segment format version {version} is not supported (expected {SEGMENT_VERSION})",
+            path=path,
+            offset=8,
+            hint="open it with the syncstore version that wrote it",
+        )
+    return first_lsn
+
+
+# --- frames -------------------------------------------------------------------
+
+
+def encode_frame(lsn: int, rtype: int, body: bytes) -> bytes:
+    """One CRC-framed WAL record."""
+    payload = _frame_lead.pack(lsn, rtype) + body
+    length = _crc.pack(len(payload))
+    return length + _crc.pack(crc32c(payload, crc32c(length))) + payload
+
+
+def decode_frame(data: bytes | memoryview, offset: int) -> Frame | None:
+    """Decode the frame starting at ``offset``, or return None if it is not a valid frame.
+
+    "Not valid" covers a short read, a zero length (preallocated space), an
+    impossible length and a CRC mismatch; deciding whether that is a torn tail
+    or corruption is the caller's job, because it depends on what follows.
+    """
+    if len(data) - offset < FRAME_PREFIX_SIZE:
+        return None
+    length, stored = _frame_prefix.unpack_from(data, offset)
+    start = offset + FRAME_PREFIX_SIZE
+    end = start + length
+    if length < FRAME_LEAD_SIZE or length > MAX_PAYLOAD or end > len(data):
+        return None
+    payload = data[start:end]
+    if crc32c(payload, crc32c(data[offset : offset + 4])) != stored:
+        return None
+    lsn, rtype = _frame_lead.unpack_from(payload, 0)
+    return Frame(offset, end, lsn, rtype, bytes(payload[FRAME_LEAD_SIZE:]))
+
+
+# --- records ------------------------------------------------------------------
+
+
+def encode_deliver(record: Deliver) -> bytes:
+    """Body of a DELIVER record."""
+    return b"".join(
+        (
+            _message_head.pack(
+                record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
+            ),
+            _deliver_counts.pack(len(record.body), len(record.pairs)),
+            record.body,
+            _pack_pairs(record.pairs),
+        )
+    )
+
+
+def decode_deliver(body: bytes, path: str | None = None, offset: int | None = None) -> Deliver:
+    """Decode a DELIVER record body; :class:`CorruptionError` if its lengths disagree."""
+    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
+    if len(body) < fixed:
+        raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
+    head = _message_head.unpack_from(body, 0)
+    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
+    if len(body) != fixed + blen + PAIR_SIZE * count:
+        raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
+    return Deliver(*head, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
+
+
+def encode_message_value(record: Deliver) -> bytes:
+    """LMDB inbox value for ``record``: message head + body."""
+    return (
+        _message_head.pack(
+            record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
+        )
+        + record.body
+    )
+
+
+#: Decode the fixed head of an inbox value: ``unpack_message_head(value)`` ->
+#: (msg_id, sender, conv, client_seq, ts_ms, priority); the body is
+#: ``value[MESSAGE_HEAD_SIZE:]``.  Exposed bare because sync() calls it per message.
+unpack_message_head = _message_head.unpack_from
+
+
+def encode_dedup(msg_id: int, pairs: Pairs) -> bytes:
+    """LMDB dedup value: the first delivery's msg_id and cursors."""
+    return _dedup_head.pack(msg_id, len(pairs)) + _pack_pairs(pairs)
+
+
+def decode_dedup(value: bytes) -> tuple[int, Pairs]:
+    """Inverse of :func:`encode_dedup`; :class:`CorruptionError` on bad lengths."""
+    if len(value) < DEDUP_HEAD_SIZE:
+        raise CorruptionError("dedup entry is truncated")
+    msg_id, count = _dedup_head.unpack_from(value, 0)
+    if len(value) != DEDUP_HEAD_SIZE + PAIR_SIZE * count:
+        raise CorruptionError("dedup entry lengths do not add up")
+    return msg_id, _unpack_pairs(value, DEDUP_HEAD_SIZE, count)

@@ -1,0 +1,112 @@
+"""Records that are sequenced (cursors assigned) but not yet applied to LMDB.
+
+Why it exists: a durable ``deliver`` costs one WAL ``fdatasync``; applying to
+LMDB costs another (its commit syncs the data pages).  Paying both per group
+commit would halve throughput, so LMDB is updated by a background applier in
+larger batches and this overlay answers, in the meantime, the three questions
+the LMDB state cannot: a user's latest cursor (to assign the next one), an
+idempotency key's first delivery (to dedup exactly), and a user's newest
+messages (so ``sync`` sees every acknowledged write at once).
+
+Size is bounded: the store stops sequencing new records while the overlay
+holds more than its budget, until the applier catches up.  All methods must be
+called with the store's sequencing lock held.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ._codec import Deliver, Pairs
+from .state import StoredMessage, message_from_record
+
+#: First delivery of an idempotency key still in the overlay: (lsn, msg_id, pairs).
+PendingDedup = tuple[int, int, Pairs]
+
+
+class Overlay:
+    """Unapplied records, indexed by user and by idempotency key."""
+
+    def __init__(self) -> None:
+        self._records: deque[tuple[int, Deliver]] = deque()
+        # uid -> [(cursor, lsn, message)], ascending in both cursor and lsn
+        self._inbox: dict[int, list[tuple[int, int, StoredMessage]]] = {}
+        self._dedup: dict[tuple[int, int], PendingDedup] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, lsn: int, record: Deliver) -> None:
+        """Index a newly sequenced record."""
+        self._records.append((lsn, record))
+        inbox = self._inbox
+        for uid, cursor in record.pairs:
+            entry = (cursor, lsn, message_from_record(cursor, record))
+            entries = inbox.get(uid)
+            if entries is None:
+                inbox[uid] = [entry]
+            else:
+                entries.append(entry)
+        self._dedup[(record.sender, record.client_seq)] = (lsn, record.msg_id, record.pairs)
+
+    def head(self, uid: int) -> int | None:
+        """The user's latest assigned cursor, acknowledged or not (None if not here)."""
+        entries = self._inbox.get(uid)
+        return entries[-1][0] if entries else None
+
+    def dedup(self, sender: int, client_seq: int) -> PendingDedup | None:
+        """The pending first delivery of an idempotency key, if any."""
+        return self._dedup.get((sender, client_seq))
+
+    def visible(self, uid: int, since: int, upto_lsn: int) -> tuple[list[StoredMessage], int]:
+        """Messages of ``uid`` with cursor > ``since`` and LSN <= ``upto_lsn``, and the visible head (0 if none)."""
+        out: list[StoredMessage] = []
+        head = 0
+        for cursor, lsn, message in self._inbox.get(uid, ()):
+            if lsn > upto_lsn:
+                break
+            head = cursor
+            if cursor > since:
+                out.append(message)
+        return out, head
+
+    def take(self, upto_lsn: int) -> list[Deliver]:
+        """The records with LSN <= ``upto_lsn``, oldest first (they stay indexed until :meth:`forget`)."""
+        out = []
+        for lsn, record in self._records:
+            if lsn > upto_lsn:
+                break
+            out.append(record)
+        return out
+
+    def forget(self, upto_lsn: int) -> None:
+        """Drop the records with LSN <= ``upto_lsn``: LMDB has them now."""
+        records, inbox = self._records, self._inbox
+        while records and records[0][0] <= upto_lsn:
+            lsn, record = records.popleft()
+            for uid, _cursor in record.pairs:
+                entries = inbox.get(uid)
+                if entries and entries[0][1] == lsn:
+                    del entries[0]
+                    if not entries:
+                        del inbox[uid]
+            key = (record.sender, record.client_seq)
+            pending = self._dedup.get(key)
+            if pending is not None and pending[0] == lsn:
+                del self._dedup[key]
+
+    def check_continues(self, heads: dict[int, int], applied_lsn: int) -> str | None:
+        """Describe the first user whose pending cursors do not densely continue ``heads``, else None.
+
+        ``heads`` and ``applied_lsn`` come from one LMDB snapshot; entries the
+        applier already committed (LSN <= ``applied_lsn``) are skipped.
+        """
+        for uid, entries in self._inbox.items():
+            expected = heads.get(uid, 0) + 1
+            for cursor, lsn, _message in entries:
+                if lsn <= applied_lsn:
+                    continue
+                if cursor != expected:
+                    return f"user {uid}: pending cursor {cursor}, expected {expected}"
+                expected += 1
+        return None

@@ -1,0 +1,144 @@
+"""The one exception tree of syncstore.
+
+Every error raised by the library is a :class:`SyncStoreError`.  Each carries
+what makes it actionable -- the file and byte offset for corruption, the key or
+argument for bad input, the lock holder for a locked store -- and a ``hint``
+that says what to do.  ``str(error)`` renders all of it on one line.
+
+Whether the store is still usable after each error is documented in
+``docs/errors.md``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SyncStoreError",
+    "InvalidArgument",
+    "StoreLocked",
+    "StoreClosed",
+    "ReadOnlyStore",
+    "CorruptionError",
+    "DurabilityError",
+    "StoreFull",
+    "UsedAfterFork",
+]
+
+
+class SyncStoreError(Exception):
+    """Base class of every syncstore error.
+
+    Attributes: ``path`` (file involved, or None), ``offset`` (byte offset in
+    that file, or None), ``key`` (record key or argument name, or None) and
+    ``hint`` (what to do about it).
+    """
+
+    default_hint = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        key: object = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = path
+        self.offset = offset
+        self.key = key
+        self.hint = self.default_hint if hint is None else hint
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        text = self.message
+        where = []
+        if self.path is not None:
+            where.append(f"file {self.path}")
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        if self.key is not None:
+            where.append(f"key {self.key!r}")
+        if where:
+            text += f" ({', '.join(where)})"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+
+class InvalidArgument(SyncStoreError, ValueError):
+    """An argument is out of range or of the wrong type; nothing was written.
+
+    The store stays fully usable: fix the argument and call again.
+    """
+
+    default_hint = "nothing was written; fix the argument and retry"
+
+
+class StoreLocked(SyncStoreError):
+    """Another writer (process or ``Store`` object) already holds the store.
+
+    ``holder`` describes it (pid, host, command line) as recorded in the lock
+    file.
+    """
+
+    default_hint = "close the other writer first, or open with readonly=True"
+
+    def __init__(self, message: str, *, holder: str = "", **kwargs: object) -> None:
+        self.holder = holder
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class StoreClosed(SyncStoreError):
+    """The store was closed; open it again with ``syncstore.open``."""
+
+    default_hint = "open the store again with syncstore.open()"
+
+
+class ReadOnlyStore(SyncStoreError):
+    """A write was attempted on a store opened with ``readonly=True``."""
+
+    default_hint = "open the store without readonly=True to write"
+
+
+class CorruptionError(SyncStoreError):
+    """On-disk or received bytes fail validation (CRC, magic, structure).
+
+    ``path`` and ``offset`` name where.  The store refuses to open rather than
+    silently dropping data.
+    """
+
+    default_hint = (
+        "the data is damaged; restore the named file from a replica or backup "
+        "(nothing was dropped silently)"
+    )
+
+
+class DurabilityError(SyncStoreError):
+    """An ``fsync``/``fdatasync`` or write of the log failed.
+
+    The outcome of the unacknowledged writes is unknown; the store refuses all
+    further writes until it is closed and reopened (reopening recovers from
+    the log).  Reads keep working.
+    """
+
+    default_hint = "check the disk, then close and reopen the store; unacknowledged writes may or may not be present"
+
+
+class StoreFull(DurabilityError):
+    """The disk or the LMDB map is full.
+
+    The write was not acknowledged.  Free disk space (or raise ``map_size``)
+    and reopen the store; everything acknowledged before is kept.
+    """
+
+    default_hint = "free disk space or reopen with a larger map_size; acknowledged data is safe"
+
+
+class UsedAfterFork(SyncStoreError):
+    """A store opened in a parent process was used in a forked child.
+
+    LMDB environments and file locks must not cross ``fork()``.
+    """
+
+    default_hint = "open the store again inside the child process (syncstore.open)"

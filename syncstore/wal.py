@@ -1,0 +1,318 @@
+"""The write-ahead log: segment files of CRC-framed records with dense LSNs.
+
+The byte layout is in :mod:`syncstore._codec` and ``docs/format.md``.  This
+module owns the files: recovery on open (truncating a torn tail, refusing to
+open on corruption), appending grouped frames, ``fdatasync``, rotating to a new
+segment and retiring segments nothing needs any more.  It knows nothing of
+messages or LMDB; group commit and durability policy live in the store.
+
+Failure policy: after any failed write or ``fdatasync`` the log is *broken*:
+every later append or sync raises :class:`DurabilityError` (or
+:class:`StoreFull`) until the store is reopened.  A failed ``fsync`` must not
+be retried -- the kernel may have dropped the dirty pages and a second call
+would falsely report success.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import _codec
+from ._codec import FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._fileio import OS_FS, FileSystem
+from .errors import CorruptionError, DurabilityError, StoreFull
+
+__all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
+
+log = logging.getLogger("syncstore.wal")
+
+DEFAULT_SEGMENT_BYTES = 64 << 20
+_PREFIX = "wal-"
+_SUFFIX = ".log"
+
+
+def segment_name(first_lsn: int) -> str:
+    """File name of the segment whose first frame has LSN ``first_lsn`` (sorts by LSN)."""
+    return f"{_PREFIX}{first_lsn:020d}{_SUFFIX}"
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: str
+    first_lsn: int
+    last_lsn: int  # first_lsn - 1 while empty
+    size: int  # bytes of valid content (header + whole frames)
+
+
+def _frame_follows(data: bytes, start: int, min_lsn: int) -> int | None:
+    """Offset of a valid frame with LSN >= ``min_lsn`` somewhere after ``start``, or None.
+
+    Used to tell a torn tail (nothing valid after the bad frame) from corruption
+    (valid frames after it).  Rather than trying every byte offset, it searches
+    for the high bytes of plausible LSNs, which every real frame carries at
+    offset 8, and verifies each hit.
+    """
+    prefixes = {((min_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
+    for prefix in prefixes:
+        hit = data.find(prefix, start + FRAME_PREFIX_SIZE)
+        while hit != -1:
+            candidate = hit - FRAME_PREFIX_SIZE
+            frame = _codec.decode_frame(data, candidate)
+            if frame is not None and frame.lsn >= min_lsn:
+                return candidate
+            hit = data.find(prefix, hit + 1)
+    return None
+
+
+class WriteAheadLog:
+    """A directory of WAL segments; use :meth:`open`.
+
+    Not thread-safe by itself except that :meth:`append`, :meth:`sync` and
+    :meth:`retire` serialise on an internal lock, so a background flusher may
+    ``sync`` while the group-commit leader appends.
+    """
+
+    def __init__(self, directory: str, fs: FileSystem, segment_bytes: int) -> None:
+        self.directory = directory
+        self._fs = fs
+        self._segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        self._fd = -1
+        self._io_lock = threading.Lock()
+        self._broken: DurabilityError | None = None
+        self._unsynced = False
+
+    # --- opening and recovery -------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        *,
+        next_lsn: int,
+        fs: FileSystem = OS_FS,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> WriteAheadLog:
+        """Recover the log in ``directory`` and position it for appending.
+
+        ``next_lsn`` is the first LSN the state still needs (applied LSN + 1);
+        a log that starts after it, or has a gap, is corruption.  A torn tail
+        of the last segment is truncated (and logged); a bad frame followed by
+        valid ones raises :class:`CorruptionError` naming file and offset.
+        """
+        wal = cls(directory, fs, segment_bytes)
+        wal._recover(next_lsn)
+        return wal
+
+    def _recover(self, next_lsn: int) -> None:
+        names = sorted(n for n in self._fs.listdir(self.directory) if n.startswith(_PREFIX) and n.endswith(_SUFFIX))
+        for index, name in enumerate(names):
+            path = os.path.join(self.directory, name)
+            is_last = index == len(names) - 1
+            data = self._fs.read_file(path)
+            if is_last and len(data) < SEGMENT_HEADER_SIZE:
+                # Crash while creating the segment: its header never became durable.
+                log.warning("removing incomplete WAL segment %s (%d bytes)", path, len(data))
+                self._fs.unlink(path)
+                self._fs.fsync_dir(self.directory)
+                continue
+            first_lsn = _codec.decode_segment_header(data, path)
+            if name != segment_name(first_lsn):
+                raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
+            expected = self._segments[-1].last_lsn + 1 if self._segments else first_lsn
+            if first_lsn != expected:
+                raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
+            segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
+            self._scan(segment, data, is_last)
+            self._segments.append(segment)
+        if self._segments and self._segments[0].first_lsn > next_lsn:
+            first = self._segments[0]
+            raise CorruptionError(
+                f"WAL starts at LSN {first.first_lsn} but the state needs LSN {next_lsn}",
+                path=first.path,
+                offset=0,
+            )
+        if not self._segments or self.end_lsn < next_lsn - 1:
+            if self._segments:
+                raise CorruptionError(
+                    f"WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
+                    path=self._segments[-1].path,
+                    hint="the log was truncated or replaced; restore it from a backup or replica",
+                )
+            self._create_segment(next_lsn)
+        else:
+            self._fd = self._fs.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+
+    def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> None:
+        offset = SEGMENT_HEADER_SIZE
+        expected = segment.first_lsn
+        decode = _codec.decode_frame
+        while offset < len(data):
+            frame = decode(data, offset)
+            if frame is None or frame.lsn != expected:
+                self._bad_frame(segment, data, offset, expected, is_last, frame is not None)
+                return
+            offset = frame.end
+            expected += 1
+        segment.last_lsn = expected - 1
+        segment.size = offset
+
+    def _bad_frame(
+        self, segment: _Segment, data: bytes, offset: int, expected: int, is_last: bool, wrong_lsn: bool
+    ) -> None:
+        segment.last_lsn = expected - 1
+        segment.size = offset
+        if wrong_lsn:
+            raise CorruptionError(f"WAL frame has a valid CRC but not the expected LSN {expected}", path=segment.path, offset=offset)
+        if not is_last:
+            raise CorruptionError("bad WAL frame inside a sealed segment", path=segment.path, offset=offset)
+        later = _frame_follows(data, offset, expected)
+        if later is not None:
+            raise CorruptionError(
+                f"bad WAL frame followed by a valid frame at offset {later}: not a torn tail",
+                path=segment.path,
+                offset=offset,
+            )
+        log.warning("truncating torn WAL tail of %s at offset %d (%d bytes dropped)", segment.path, offset, len(data) - offset)
+        fd = self._fs.open(segment.path, os.O_WRONLY)
+        try:
+            self._fs.truncate(fd, offset)
+            self._fs.fsync(fd)
+        finally:
+            self._fs.close(fd)
+
+    def _create_segment(self, first_lsn: int) -> None:
+        path = os.path.join(self.directory, segment_name(first_lsn))
+        fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        try:
+            self._fs.write(fd, _codec.encode_segment_header(first_lsn))
+            self._fs.fdatasync(fd)
+            self._fs.fsync_dir(self.directory)
+        except BaseException:
+            self._fs.close(fd)
+            raise
+        self._segments.append(_Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE))
+        self._fd = fd
+
+    # --- properties -------------------------------------------------------------
+
+    @property
+    def end_lsn(self) -> int:
+        """LSN of the last frame in the log (written, not necessarily synced)."""
+        return self._segments[-1].last_lsn
+
+    @property
+    def first_lsn(self) -> int:
+        """LSN of the oldest retained frame's slot (first LSN of the oldest segment)."""
+        return self._segments[0].first_lsn
+
+    def segment_paths(self) -> list[str]:
+        """Paths of the retained segments, oldest first."""
+        return [s.path for s in self._segments]
+
+    # --- writing ----------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise type(self._broken)(
+                "the write-ahead log failed earlier and accepts no more writes: " + self._broken.message,
+                path=self._broken.path,
+                hint="close and reopen the store",
+            )
+
+    def _fail(self, error: OSError, what: str) -> DurabilityError:
+        path = self._segments[-1].path
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            failure: DurabilityError = StoreFull(f"{what} failed: disk full ({error})", path=path)
+        else:
+            failure = DurabilityError(f"{what} failed: {error}", path=path)
+        self._broken = failure
+        return failure
+
+    def append(self, data: bytes, last_lsn: int, first_lsn: int) -> None:
+        """Write frames ``first_lsn .. last_lsn`` (already encoded, back to back) to the log.
+
+        Rotates to a new segment first when the current one is full.  The
+        data reaches the OS, not necessarily the disk: call :meth:`sync`.
+        """
+        with self._io_lock:
+            self._check()
+            current = self._segments[-1]
+            if first_lsn != current.last_lsn + 1:
+                raise AssertionError(f"WAL append out of order: {first_lsn} after {current.last_lsn}")
+            try:
+                if current.size + len(data) > self._segment_bytes and current.last_lsn >= current.first_lsn:
+                    self._rotate(first_lsn)
+                    current = self._segments[-1]
+                self._fs.write(self._fd, data)
+            except OSError as error:
+                raise self._fail(error, "WAL write") from error
+            current.size += len(data)
+            current.last_lsn = last_lsn
+            self._unsynced = True
+
+    def _rotate(self, first_lsn: int) -> None:
+        # Seal the old segment durably before the new one can hold acknowledged frames.
+        self._fs.fdatasync(self._fd)
+        self._fs.close(self._fd)
+        self._fd = -1
+        self._create_segment(first_lsn)
+
+    def sync(self) -> None:
+        """``fdatasync`` the current segment; raises :class:`DurabilityError` on failure (never retried)."""
+        with self._io_lock:
+            self._check()
+            if not self._unsynced:
+                return
+            try:
+                self._fs.fdatasync(self._fd)
+            except OSError as error:
+                raise self._fail(error, "WAL fdatasync") from error
+            self._unsynced = False
+
+    def retire(self, upto_lsn: int) -> list[str]:
+        """Delete sealed segments whose every frame has LSN <= ``upto_lsn``; return their paths.
+
+        The caller guarantees the state covering ``upto_lsn`` is durable.
+        """
+        with self._io_lock:
+            removed = []
+            while len(self._segments) > 1 and self._segments[0].last_lsn <= upto_lsn:
+                segment = self._segments.pop(0)
+                self._fs.unlink(segment.path)
+                removed.append(segment.path)
+            if removed:
+                self._fs.fsync_dir(self.directory)
+            return removed
+
+    # --- reading ------------------------------------------------------------------
+
+    def frames(self, after_lsn: int) -> Iterator[Frame]:
+        """Yield every retained frame with LSN > ``after_lsn``, in order, with CRCs checked."""
+        for segment in list(self._segments):
+            if segment.last_lsn <= after_lsn:
+                continue
+            data = self._fs.read_file(segment.path)[: segment.size]
+            offset = SEGMENT_HEADER_SIZE
+            expected = segment.first_lsn
+            while expected <= segment.last_lsn:
+                frame = _codec.decode_frame(data, offset)
+                if frame is None or frame.lsn != expected:
+                    raise CorruptionError(f"WAL frame {expected} unreadable", path=segment.path, offset=offset)
+                if frame.lsn > after_lsn:
+                    yield frame
+                offset = frame.end
+                expected += 1
+
+    def close(self) -> None:
+        """Close the current segment file (does not sync)."""
+        with self._io_lock:
+            if self._fd >= 0:
+                self._fs.close(self._fd)
+                self._fd = -1
+
