@@ -602,6 +602,26 @@ class Store:
             finally:
                 self._release()
 
+    def _abandon(self) -> None:
+        """Test seam: drop the store as a killed process would (no flush, no apply, no sync).
+
+        Whatever reached the OS stays there, as after a ``SIGKILL``; the next
+        ``open`` must recover from the WAL alone.
+        """
+        with self._lock:
+            self._closed = True
+            self._frames = []
+            self._work.notify()
+            self._release_waiters(2**64)
+        self._apply_wakeup.set()
+        for thread in (self._flusher, self._applier):
+            if thread is not None:
+                thread.join()
+        if getattr(self, "_state", None) is not None:
+            self._state.env.close()
+            self._state = None  # type: ignore[assignment]
+        self._release()
+
     def _release(self) -> None:
         self._closed = True
         with self._applied_cond:
