@@ -9,6 +9,7 @@ beyond looping short writes, so the seam costs nothing in production.
 
 from __future__ import annotations
 
+import errno
 import os
 
 __all__ = ["FileSystem", "OS_FS"]
@@ -31,6 +32,27 @@ class FileSystem:
         while view:
             written = os.write(fd, view)
             view = view[written:]
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (looping over short writes)."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def allocate(self, fd: int, size: int) -> None:
+        """Reserve disk blocks for the first ``size`` bytes (``posix_fallocate``).
+
+        Best effort: a file system without support just grows the file as
+        written.  Preallocating makes later ``fdatasync`` calls cheaper (no
+        block allocation to journal) and turns ENOSPC into an early error.
+        """
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
 
     def fdatasync(self, fd: int) -> None:
         """``os.fdatasync``: make written data durable."""

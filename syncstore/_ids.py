@@ -14,7 +14,6 @@ different replicas never collide because the replica id is part of the id.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from .errors import InvalidArgument
@@ -38,10 +37,12 @@ def msg_id_replica(msg_id: int) -> int:
 
 
 class MessageIds:
-    """Thread-safe generator of message ids for one replica.
+    """Generator of message ids for one replica.
 
     ``floor`` is the largest id already issued (e.g. recovered from the
     store), so ids stay monotonic across restarts even if the clock went back.
+    Not locked itself: the store calls it under its sequencing lock, and the
+    ids must be issued in the same order as the WAL records anyway.
     """
 
     def __init__(self, replica_id: int, clock_ms: Callable[[], int], floor: int = 0) -> None:
@@ -49,18 +50,16 @@ class MessageIds:
             raise InvalidArgument(f"replica_id must be in 0..{MAX_REPLICA}, got {replica_id}", key="replica_id")
         self._replica = replica_id
         self._clock = clock_ms
-        self._lock = threading.Lock()
         self._last_ms = max(msg_id_ms(floor) - EPOCH_MS, 0) if floor else 0
         self._seq = floor & _MAX_SEQUENCE if floor else -1
 
     def next(self) -> int:
         """A new id, greater than every id this generator issued before."""
-        with self._lock:
-            now = self._clock() - EPOCH_MS
-            if now > self._last_ms:
-                self._last_ms, self._seq = now, 0
-            elif self._seq < _MAX_SEQUENCE:
-                self._seq += 1
-            else:  # sequence exhausted (or clock behind): borrow the next millisecond
-                self._last_ms, self._seq = self._last_ms + 1, 0
-            return (self._last_ms << _TIME_SHIFT) | (self._replica << SEQUENCE_BITS) | self._seq
+        now = self._clock() - EPOCH_MS
+        if now > self._last_ms:
+            self._last_ms, self._seq = now, 0
+        elif self._seq < _MAX_SEQUENCE:
+            self._seq += 1
+        else:  # sequence exhausted (or clock behind): borrow the next millisecond
+            self._last_ms, self._seq = self._last_ms + 1, 0
+        return (self._last_ms << _TIME_SHIFT) | (self._replica << SEQUENCE_BITS) | self._seq

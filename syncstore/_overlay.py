@@ -29,8 +29,9 @@ class Overlay:
 
     def __init__(self) -> None:
         self._records: deque[tuple[int, Deliver]] = deque()
-        # uid -> [(cursor, lsn, message)], ascending in both cursor and lsn
-        self._inbox: dict[int, list[tuple[int, int, StoredMessage]]] = {}
+        # uid -> [(cursor, lsn, record)], ascending in both cursor and lsn; the
+        # StoredMessage is built only if read (most records are applied unread).
+        self._inbox: dict[int, list[tuple[int, int, Deliver]]] = {}
         self._dedup: dict[tuple[int, int], PendingDedup] = {}
 
     def __len__(self) -> int:
@@ -41,7 +42,7 @@ class Overlay:
         self._records.append((lsn, record))
         inbox = self._inbox
         for uid, cursor in record.pairs:
-            entry = (cursor, lsn, message_from_record(cursor, record))
+            entry = (cursor, lsn, record)
             entries = inbox.get(uid)
             if entries is None:
                 inbox[uid] = [entry]
@@ -62,12 +63,12 @@ class Overlay:
         """Messages of ``uid`` with cursor > ``since`` and LSN <= ``upto_lsn``, and the visible head (0 if none)."""
         out: list[StoredMessage] = []
         head = 0
-        for cursor, lsn, message in self._inbox.get(uid, ()):
+        for cursor, lsn, record in self._inbox.get(uid, ()):
             if lsn > upto_lsn:
                 break
             head = cursor
             if cursor > since:
-                out.append(message)
+                out.append(message_from_record(cursor, record))
         return out, head
 
     def take(self, upto_lsn: int) -> list[Deliver]:
@@ -103,7 +104,7 @@ class Overlay:
         """
         for uid, entries in self._inbox.items():
             expected = heads.get(uid, 0) + 1
-            for cursor, lsn, _message in entries:
+            for cursor, lsn, _record in entries:
                 if lsn <= applied_lsn:
                     continue
                 if cursor != expected:

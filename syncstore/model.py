@@ -44,9 +44,18 @@ class Message:
     priority: int = 0
 
     def __post_init__(self) -> None:
-        check_u64("sender", self.sender)
-        check_u64("conv", self.conv)
-        check_u64("client_seq", self.client_seq)
+        sender, conv, client_seq = self.sender, self.conv, self.client_seq
+        if not (
+            type(sender) is int
+            and type(conv) is int
+            and type(client_seq) is int
+            and 0 <= sender <= MAX_U64
+            and 0 <= conv <= MAX_U64
+            and 0 <= client_seq <= MAX_U64
+        ):  # one fast test on the hot path; the slow path names the bad field
+            check_u64("sender", sender)
+            check_u64("conv", conv)
+            check_u64("client_seq", client_seq)
         if type(self.body) is not bytes:
             raise InvalidArgument(f"body must be bytes, got {type(self.body).__name__}", key="body")
         if self.ts_ms is not None:

@@ -35,6 +35,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
+import lmdb
+
 from . import _codec
 from ._codec import RECORD_DELIVER, Deliver, Pairs
 from ._fileio import OS_FS, FileSystem
@@ -50,7 +52,7 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import Delivery, Message, Page, StoredMessage, check_u64
+from .model import MAX_U64, Delivery, Message, Page, StoredMessage, check_u64
 from .state import State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
 
@@ -312,15 +314,17 @@ class Store:
     # --- validation ---------------------------------------------------------------
 
     def _recipients(self, to: object) -> tuple[int, ...]:
-        if isinstance(to, (str, bytes, bytearray)) or not isinstance(to, Iterable):
-            raise InvalidArgument(f"to must be a list of user ids, got {type(to).__name__}", key="to")
-        recipients = tuple(dict.fromkeys(to))  # drop repeats, keep order
+        if type(to) is not list and type(to) is not tuple:
+            if isinstance(to, (str, bytes, bytearray)) or not isinstance(to, Iterable):
+                raise InvalidArgument(f"to must be a list of user ids, got {type(to).__name__}", key="to")
+        recipients = tuple(dict.fromkeys(to))  # type: ignore[arg-type]  # drop repeats, keep order
         if not recipients:
             raise InvalidArgument("to must name at least one recipient", key="to")
         if len(recipients) > MAX_RECIPIENTS:
             raise InvalidArgument(f"at most {MAX_RECIPIENTS} recipients per message, got {len(recipients)}", key="to")
         for uid in recipients:
-            check_u64("recipient id", uid)
+            if type(uid) is not int or not 0 <= uid <= MAX_U64:
+                check_u64("recipient id", uid)  # raises, with the precise reason
         return recipients
 
     def _check_message(self, message: object) -> Message:
@@ -348,11 +352,14 @@ class Store:
         self._backpressure()
         with self._lock:
             self._check_writable()
-            with self._state.read() as txn:
-                delivery, lsn = self._sequence(txn, message, recipients)
+            txn = self._state.env.begin()
+            try:
+                msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
+            finally:
+                txn.abort()
             gate = self._gate(lsn)
         self._await(gate, lsn)
-        return delivery
+        return Delivery.of(msg_id, duplicate, pairs)
 
     def deliver_many(self, items: Iterable[tuple[Message, Sequence[int]]]) -> list[Delivery]:
         """Deliver many ``(message, to)`` pairs with one group commit; results in order.
@@ -376,8 +383,8 @@ class Store:
                 self._check_writable()
                 with self._state.read() as txn:
                     for message, recipients in checked[start : start + _BULK_CHUNK]:
-                        delivery, lsn = self._sequence(txn, message, recipients)
-                        results.append(delivery)
+                        msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
+                        results.append(Delivery.of(msg_id, duplicate, pairs))
                         last = max(last, lsn)
                 gate = self._gate(last)
             self._await(gate, last)
@@ -390,19 +397,23 @@ class Store:
         with self._applied_cond:
             self._applied_cond.wait_for(lambda: len(self._overlay) < _MAX_PENDING or self._failure is not None or self._closed)
 
-    def _sequence(self, txn: object, message: Message, recipients: tuple[int, ...]) -> tuple[Delivery, int]:
-        """Dedup, assign ids and cursors, frame the record.  Sequencing lock held."""
+    def _sequence(self, txn: lmdb.Transaction, message: Message, recipients: tuple[int, ...]) -> tuple[int, bool, Pairs, int]:
+        """Dedup, assign ids and cursors, frame the record; return (msg_id, duplicate, pairs, lsn).
+
+        Sequencing lock held.  The LSN of a duplicate is that of its first
+        delivery (0 if long applied), so the caller waits until it is durable.
+        """
         overlay, state = self._overlay, self._state
         sender, client_seq = message.sender, message.client_seq
         pending = overlay.dedup(sender, client_seq)
         if pending is not None:
             lsn, msg_id, pairs = pending
-            return Delivery.of(msg_id, True, pairs), lsn
-        seen = state.dedup_entry(txn, sender, client_seq)  # type: ignore[arg-type]
+            return msg_id, True, pairs, lsn
+        seen = state.dedup_entry(txn, sender, client_seq)
         if seen is not None and self._clock() - msg_id_ms(seen[0]) <= self.dedup_window_ms:
-            return Delivery.of(seen[0], True, seen[1]), 0
+            return seen[0], True, seen[1], 0
         msg_id = self._ids.next()
-        pairs: Pairs = tuple((uid, (overlay.head(uid) or state.head(txn, uid)) + 1) for uid in recipients)  # type: ignore[arg-type]
+        pairs: Pairs = tuple((uid, (overlay.head(uid) or state.head(txn, uid)) + 1) for uid in recipients)
         record = Deliver(
             msg_id,
             sender,
@@ -415,13 +426,13 @@ class Store:
         )
         lsn = self._next_lsn
         self._next_lsn = lsn + 1
-        self._frames.append(_codec.encode_frame(lsn, RECORD_DELIVER, _codec.encode_deliver(record)))
+        self._frames.append(_codec.encode_deliver_frame(lsn, record))
         if self._flusher_idle:
             self._work.notify()
         overlay.add(lsn, record)
         if len(overlay) == _APPLY_BATCH:
             self._apply_wakeup.set()
-        return Delivery.of(msg_id, False, pairs), lsn
+        return msg_id, False, pairs, lsn
 
     def _gate(self, lsn: int) -> _thread.LockType | None:
         """A held lock the flusher releases once ``lsn`` is acknowledged (None if it is).  Sequencing lock held."""

@@ -3,7 +3,13 @@
 The byte layout is in :mod:`syncstore._codec` and ``docs/format.md``.  This
 module owns the files: recovery on open (truncating a torn tail, refusing to
 open on corruption), appending grouped frames, ``fdatasync``, rotating to a new
-segment and retiring segments nothing needs any more.  It knows nothing of
+segment and retiring segments nothing needs any more.
+
+Segments are preallocated with ``posix_fallocate`` to their full size when
+created, and frames are written with ``pwrite`` at the end of the valid
+content: an ``fdatasync`` then has no block allocation or file-size change to
+journal, which measured ~20 % faster per sync here (docs/benchmarks.md).  The
+unwritten remainder reads as zeros, which recovery treats as the clean end.  It knows nothing of
 messages or LMDB; group commit and durability policy live in the store.
 
 Failure policy: after any failed write or ``fdatasync`` the log is *broken*:
@@ -115,7 +121,7 @@ class WriteAheadLog:
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
             data = self._fs.read_file(path)
-            if is_last and len(data) < SEGMENT_HEADER_SIZE:
+            if is_last and data[:SEGMENT_HEADER_SIZE].count(0) == min(len(data), SEGMENT_HEADER_SIZE):
                 # Crash while creating the segment: its header never became durable.
                 log.warning("removing incomplete WAL segment %s (%d bytes)", path, len(data))
                 self._fs.unlink(path)
@@ -146,7 +152,9 @@ class WriteAheadLog:
                 )
             self._create_segment(next_lsn)
         else:
-            self._fd = self._fs.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+            self._fd = self._fs.open(self._segments[-1].path, os.O_RDWR)
+            self._fs.allocate(self._fd, self._segment_bytes)
+            self._fs.fsync(self._fd)
 
     def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> None:
         offset = SEGMENT_HEADER_SIZE
@@ -155,6 +163,8 @@ class WriteAheadLog:
         while offset < len(data):
             frame = decode(data, offset)
             if frame is None or frame.lsn != expected:
+                if data.count(0, offset) == len(data) - offset:
+                    break  # preallocated, never written: the clean end of the log
                 self._bad_frame(segment, data, offset, expected, is_last, frame is not None)
                 return
             offset = frame.end
@@ -188,10 +198,11 @@ class WriteAheadLog:
 
     def _create_segment(self, first_lsn: int) -> None:
         path = os.path.join(self.directory, segment_name(first_lsn))
-        fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        fd = self._fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         try:
-            self._fs.write(fd, _codec.encode_segment_header(first_lsn))
-            self._fs.fdatasync(fd)
+            self._fs.pwrite(fd, _codec.encode_segment_header(first_lsn), 0)
+            self._fs.allocate(fd, self._segment_bytes)
+            self._fs.fsync(fd)
             self._fs.fsync_dir(self.directory)
         except BaseException:
             self._fs.close(fd)
@@ -249,7 +260,7 @@ class WriteAheadLog:
                 if current.size + len(data) > self._segment_bytes and current.last_lsn >= current.first_lsn:
                     self._rotate(first_lsn)
                     current = self._segments[-1]
-                self._fs.write(self._fd, data)
+                self._fs.pwrite(self._fd, data, current.size)
             except OSError as error:
                 raise self._fail(error, "WAL write") from error
             current.size += len(data)
