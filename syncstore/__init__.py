@@ -19,7 +19,7 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import Delivery, Message, Page, StoredMessage
+from .model import Delivery, Message, Messages, Page, StoredMessage
 from .store import DURABILITY_MODES, Store, open
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Delivery",
     "Page",
     "StoredMessage",
+    "Messages",
     "DURABILITY_MODES",
     "SyncStoreError",
     "InvalidArgument",

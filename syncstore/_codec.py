@@ -41,7 +41,12 @@ Message head (shared by the DELIVER record and the LMDB inbox value)::
     32      8     ts_ms (message timestamp, ms since the Unix epoch)
     40      1     priority (0..255)
 
-LMDB inbox value = message head + body (the cursor is in the key).
+LMDB inbox value (the cursor is repeated from the key so that a page of values
+decodes without its keys)::
+
+    0       8     cursor
+    8       41    message head
+    49      ...   body
 
 LMDB dedup value (first delivery of an idempotency key)::
 
@@ -95,6 +100,9 @@ DELIVER_COUNTS_FMT = ">II"  # body length, recipient count
 DELIVER_COUNTS_SIZE = 8
 assert struct.calcsize(DELIVER_COUNTS_FMT) == DELIVER_COUNTS_SIZE
 PAIR_SIZE = 16  # (user id u64, cursor u64)
+INBOX_HEAD_FMT = ">QQQQQQB"  # cursor + message head
+INBOX_HEAD_SIZE = 49
+assert struct.calcsize(INBOX_HEAD_FMT) == INBOX_HEAD_SIZE
 DEDUP_HEAD_FMT = ">QI"  # msg_id, recipient count
 DEDUP_HEAD_SIZE = 12
 assert struct.calcsize(DEDUP_HEAD_FMT) == DEDUP_HEAD_SIZE
@@ -106,6 +114,7 @@ _frame_lead = struct.Struct(FRAME_LEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
+_inbox_head = struct.Struct(INBOX_HEAD_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
 
@@ -281,8 +290,8 @@ def decode_deliver(body: bytes, path: str | None = None, offset: int | None = No
     return Deliver(*head, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
 
 
-def encode_message_value(record: Deliver) -> bytes:
-    """LMDB inbox value for ``record``: message head + body."""
+def encode_inbox_head(record: Deliver) -> bytes:
+    """The part of ``record``'s inbox value after the cursor: message head + body (same for every recipient)."""
     return (
         _message_head.pack(
             record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
@@ -291,10 +300,15 @@ def encode_message_value(record: Deliver) -> bytes:
     )
 
 
-#: Decode the fixed head of an inbox value: ``unpack_message_head(value)`` ->
-#: (msg_id, sender, conv, client_seq, ts_ms, priority); the body is
-#: ``value[MESSAGE_HEAD_SIZE:]``.  Exposed bare because sync() calls it per message.
-unpack_message_head = _message_head.unpack_from
+def encode_inbox_value(cursor: int, shared: bytes) -> bytes:
+    """LMDB inbox value: ``cursor`` + the ``encode_inbox_head(record)`` bytes."""
+    return _u64.pack(cursor) + shared
+
+
+#: Decode the fixed head of an inbox value: ``unpack_inbox_head(value)`` ->
+#: (cursor, msg_id, sender, conv, client_seq, ts_ms, priority); the body is
+#: ``value[INBOX_HEAD_SIZE:]``.  Exposed bare because reads call it per message.
+unpack_inbox_head = _inbox_head.unpack_from
 
 
 def encode_dedup(msg_id: int, pairs: Pairs) -> bytes:

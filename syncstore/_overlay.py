@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 
 from ._codec import Deliver, Pairs
-from .state import StoredMessage, message_from_record
+from .model import StoredMessage
 
 #: First delivery of an idempotency key still in the overlay: (lsn, msg_id, pairs).
 PendingDedup = tuple[int, int, Pairs]
@@ -68,7 +68,7 @@ class Overlay:
                 break
             head = cursor
             if cursor > since:
-                out.append(message_from_record(cursor, record))
+                out.append(StoredMessage.from_record(cursor, record))
         return out, head
 
     def take(self, upto_lsn: int) -> list[Deliver]:

@@ -1,4 +1,4 @@
-"""The values users pass in and get back: Message, Delivery, Page (and StoredMessage).
+"""The values users pass in and get back: Message, Delivery, Page, StoredMessage.
 
 Messages validate themselves on construction, so an invalid ``Message`` cannot
 exist and ``deliver`` only has to check store-specific limits.
@@ -6,14 +6,15 @@ exist and ``deliver`` only has to check store-specific limits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple, overload
 
+from ._codec import INBOX_HEAD_SIZE, Deliver, unpack_inbox_head
 from .errors import InvalidArgument
-from .state import StoredMessage
 
-__all__ = ["Message", "Delivery", "Page", "StoredMessage", "MAX_U64", "check_u64"]
+__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MAX_U64", "check_u64"]
 
 MAX_U64 = (1 << 64) - 1
 
@@ -82,6 +83,80 @@ class Delivery:
         return cls(msg_id, duplicate, MappingProxyType(dict(pairs)))
 
 
+class StoredMessage(NamedTuple):
+    """A message as stored in one user's inbox, as ``Store.sync`` returns it.
+
+    A tuple type, not a dataclass: a sync page holds up to ``limit`` of
+    these and the tuple is several times cheaper to build.
+    """
+
+    cursor: int
+    msg_id: int
+    sender: int
+    conv: int
+    client_seq: int
+    ts_ms: int
+    priority: int
+    body: bytes
+
+    @classmethod
+    def from_record(cls, cursor: int, record: Deliver) -> StoredMessage:
+        """The inbox entry ``record`` produces for the recipient at ``cursor``."""
+        return cls(cursor, record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority, record.body)
+
+    @classmethod
+    def from_value(cls, value: bytes) -> StoredMessage:
+        """Decode an LMDB inbox value (format in docs/format.md)."""
+        return tuple.__new__(cls, (*unpack_inbox_head(value), value[INBOX_HEAD_SIZE:]))
+
+
+class Messages(Sequence[StoredMessage]):
+    """An immutable sequence of :class:`StoredMessage`, decoded on access.
+
+    ``sync`` hands back the stored bytes of a page without decoding them:
+    decoding 100 messages costs as much as reading them from LMDB, and a
+    server that forwards only some fields, or stops early, should not pay it
+    all up front.  Indexing, iteration, slicing, ``len`` and ``==`` behave as on
+    a tuple of StoredMessage.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Sequence[bytes | StoredMessage] = ()) -> None:
+        self._items = tuple(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> StoredMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Messages: ...
+
+    def __getitem__(self, index: int | slice) -> StoredMessage | Messages:
+        if isinstance(index, slice):
+            return Messages(self._items[index])
+        item = self._items[index]
+        return item if type(item) is StoredMessage else StoredMessage.from_value(item)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[StoredMessage]:
+        decode = StoredMessage.from_value
+        for item in self._items:
+            yield item if type(item) is StoredMessage else decode(item)  # type: ignore[misc, arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Messages, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Messages({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a user's inbox, from ``sync``.
@@ -90,6 +165,6 @@ class Page:
     get the following page; ``has_more`` says whether there is one.
     """
 
-    messages: tuple[StoredMessage, ...]
+    messages: Messages
     next: int
     has_more: bool

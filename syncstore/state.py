@@ -4,7 +4,7 @@ Key layout (all integers unsigned 64-bit big-endian, so byte order is numeric
 order and a range scan of one user's keys is a sync)::
 
     named db       key                                   value
-    inbox          user id | cursor                       message head + body (_codec)
+    inbox          user id | cursor                       cursor | message head | body (_codec)
     heads          user id                                latest cursor of the user
     dedup          sender | client_seq                    first delivery (_codec.encode_dedup)
     dedup_expiry   first-delivery ms | sender | client_seq  empty (purge index, oldest first)
@@ -25,16 +25,16 @@ import os
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from itertools import islice
 
 import lmdb
 
 from . import _codec
-from ._codec import MESSAGE_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
+from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
 from .errors import CorruptionError, StoreFull
 from ._ids import msg_id_ms
 
-__all__ = ["State", "StoredMessage", "inbox_key"]
+__all__ = ["State", "inbox_key", "state_dir"]
 
 _DB_NAMES = (b"inbox", b"heads", b"dedup", b"dedup_expiry", b"meta")
 _APPLIED = b"applied_lsn"
@@ -47,31 +47,7 @@ _pair = struct.Struct(">QQ")
 _triple = struct.Struct(">QQQ")
 inbox_key = _pair.pack
 _unpack_pair = _pair.unpack
-_unpack_head = _codec.unpack_message_head
-
-
-class StoredMessage(NamedTuple):
-    """A message as stored in one user's inbox, returned by ``Store.sync``.
-
-    A tuple type, not a dataclass: ``sync`` builds up to ``limit`` of these per
-    call and the tuple is ~3x cheaper to construct (see docs/benchmarks.md).
-    """
-
-    cursor: int
-    msg_id: int
-    sender: int
-    conv: int
-    client_seq: int
-    ts_ms: int
-    priority: int
-    body: bytes
-
-
-def message_from_record(cursor: int, record: Deliver) -> StoredMessage:
-    """The inbox entry ``record`` produces for the recipient at ``cursor``."""
-    return StoredMessage(
-        cursor, record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority, record.body
-    )
+_unpack_head = _codec.unpack_inbox_head
 
 
 class State:
@@ -157,23 +133,30 @@ class State:
         value = txn.get(_pair.pack(sender, client_seq), db=self.dedup)
         return None if value is None else _codec.decode_dedup(value)
 
-    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int) -> list[StoredMessage]:
-        """Up to ``limit`` messages of ``uid`` with cursor > ``since``, ascending."""
-        out: list[StoredMessage] = []
-        if limit <= 0:
-            return out
+    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int, head: int) -> list[bytes]:
+        """Inbox values of ``uid`` with cursor > ``since``, ascending, at most ``limit``.
+
+        ``head`` is the user's head in the same transaction.  Cursors are
+        dense, so the page is exactly the next ``min(limit, head - since)``
+        values after ``since``: they are read without a per-item Python loop,
+        and the last key read confirms it.  Should the range not be dense (a
+        store damaged by hand), it falls back to checking key by key.
+        """
+        count = min(limit, head - since)
+        if count <= 0:
+            return []
         cursor = txn.cursor(db=self.inbox)
         if not cursor.set_range(_pair.pack(uid, since + 1)):
-            return out
-        append = out.append
-        new = tuple.__new__
+            return []
+        values = list(islice(cursor.iternext(keys=False, values=True), count))
+        if len(values) == count and cursor.key() == _pair.pack(uid, since + count):
+            return values
+        out = []
+        cursor.set_range(_pair.pack(uid, since + 1))
         for key, value in cursor:
-            owner, position = _unpack_pair(key)
-            if owner != uid:
+            if _unpack_pair(key)[0] != uid or len(out) >= limit:
                 break
-            append(new(StoredMessage, (position, *_unpack_head(value), value[MESSAGE_HEAD_SIZE:])))
-            if len(out) >= limit:
-                break
+            out.append(value)
         return out
 
     # --- writes -------------------------------------------------------------------
@@ -190,9 +173,9 @@ class State:
                 put = txn.put
                 inbox, heads, dedup, expiry = self.inbox, self.heads, self.dedup, self.dedup_expiry
                 for record in records:
-                    value = _codec.encode_message_value(record)
+                    shared = _codec.encode_inbox_head(record)
                     for uid, cursor in record.pairs:
-                        put(_pair.pack(uid, cursor), value, db=inbox)
+                        put(_pair.pack(uid, cursor), _codec.encode_inbox_value(cursor, shared), db=inbox)
                         put(pack_u64(uid), pack_u64(cursor), db=heads)
                     put(_pair.pack(record.sender, record.client_seq), _codec.encode_dedup(record.msg_id, record.pairs), db=dedup)
                     put(_triple.pack(msg_id_ms(record.msg_id), record.sender, record.client_seq), b"", db=expiry)
@@ -270,8 +253,8 @@ class State:
                     users += 1
                 if cursor != expected_cursor + 1:
                     raise CorruptionError(f"user {uid}: cursor {cursor} follows {expected_cursor}", path=self.path, key=(uid, cursor))
-                if len(value) < MESSAGE_HEAD_SIZE:
-                    raise CorruptionError("inbox value is truncated", path=self.path, key=(uid, cursor))
+                if len(value) < INBOX_HEAD_SIZE or _unpack_head(value)[0] != cursor:
+                    raise CorruptionError("inbox value is truncated or names another cursor", path=self.path, key=(uid, cursor))
                 expected_cursor = cursor
                 messages += 1
             self._check_head(heads, expected_uid, expected_cursor)
@@ -283,7 +266,7 @@ class State:
                 msg_id, pairs = _codec.decode_dedup(value)
                 for uid, cursor in pairs:
                     stored = txn.get(_pair.pack(uid, cursor), db=self.inbox)
-                    if stored is None or _unpack_head(stored)[0] != msg_id:
+                    if stored is None or _unpack_head(stored)[1] != msg_id:
                         raise CorruptionError(f"dedup entry points at a missing inbox entry ({uid}, {cursor})", path=self.path, key=(sender, client_seq))
                 if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=self.dedup_expiry) is None:
                     raise CorruptionError("dedup entry has no expiry index entry", path=self.path, key=(sender, client_seq))

@@ -52,7 +52,8 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import MAX_U64, Delivery, Message, Page, StoredMessage, check_u64
+from ._codec import unpack_inbox_head
+from .model import MAX_U64, Delivery, Message, Messages, Page, StoredMessage, check_u64
 from .state import State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
 
@@ -545,15 +546,17 @@ class Store:
             # then seen twice (and merged), never missed.
             with self._lock:
                 pending, pending_head = self._overlay.visible(user, since, self._acked_lsn)
-        with self._state.read() as txn:
-            messages = self._state.scan_inbox(txn, user, since, limit)
-            head = max(self._state.head(txn, user), pending_head)
-        if pending and len(messages) < limit:
-            last = messages[-1].cursor if messages else since
-            messages.extend(m for m in pending if m.cursor > last)
-            del messages[limit:]
-        last = messages[-1].cursor if messages else since
-        return Page(tuple(messages), last, last < head)
+        txn = self._state.env.begin()
+        try:
+            applied_head = self._state.head(txn, user)
+            items: list[bytes | StoredMessage] = self._state.scan_inbox(txn, user, since, limit, applied_head)  # type: ignore[assignment]
+        finally:
+            txn.abort()
+        last = unpack_inbox_head(items[-1])[0] if items else since  # type: ignore[arg-type]
+        if pending and len(items) < limit:
+            items.extend([m for m in pending if m.cursor > last][: limit - len(items)])
+            last = items[-1][0] if type(items[-1]) is StoredMessage else last  # type: ignore[index]
+        return Page(Messages(items), last, last < max(applied_head, pending_head))
 
     def head(self, user: int) -> int:
         """The user's latest acknowledged cursor (0 if the user has no messages)."""
