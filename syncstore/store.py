@@ -238,7 +238,13 @@ class Store:
                 f"this store was created with replica_id {recorded}, not {replica_id}", key="replica_id", hint=f"open it with replica_id={recorded}"
             )
         applied = self._state.applied_lsn()
-        self._wal = WriteAheadLog.open(os.path.join(self.path, "wal"), next_lsn=applied + 1, fs=self._fs, segment_bytes=segment_bytes)
+        self._wal = WriteAheadLog.open(
+            os.path.join(self.path, "wal"),
+            next_lsn=applied + 1,
+            fs=self._fs,
+            segment_bytes=segment_bytes,
+            sync_writes=self.durability == "sync",
+        )
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
