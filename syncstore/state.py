@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 
@@ -31,7 +31,7 @@ import lmdb
 
 from . import _codec
 from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
-from .errors import CorruptionError, StoreFull
+from .errors import CorruptionError, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
@@ -68,12 +68,24 @@ class State:
                 max_readers=512,
                 create=not readonly,
             )
+        except lmdb.InvalidError as error:
+            raise CorruptionError(f"the LMDB state is not a valid LMDB environment: {error}", path=path) from error
         except lmdb.Error as error:
-            raise CorruptionError(f"cannot open LMDB state: {error}", path=path) from error
+            raise SyncStoreError(
+                f"cannot open the LMDB state: {error}", path=path, hint="check the path's permissions and free space"
+            ) from error
         # Reader slots of dead processes (SIGKILLed readers) would pin pages forever.
         self.env.reader_check()
-        with self.env.begin(write=not readonly) as txn:
-            dbs = [self.env.open_db(name, txn=txn, create=not readonly) for name in _DB_NAMES]
+        try:
+            if readonly:
+                # Handles opened inside a read-only transaction die with it; open them bare.
+                dbs = [self.env.open_db(name, create=False) for name in _DB_NAMES]
+            else:
+                with self.env.begin(write=True) as txn:
+                    dbs = [self.env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
+        except lmdb.NotFoundError as error:
+            self.env.close()
+            raise CorruptionError(f"the LMDB state lacks a named database: {error}", path=path) from error
         self.inbox, self.heads, self.dedup, self.dedup_expiry, self.meta = dbs
         if not readonly:
             with self.env.begin(write=True, db=self.meta) as txn:
@@ -105,10 +117,11 @@ class State:
         with self.read() as fresh:
             return self._meta_u64(fresh, _APPLIED)
 
-    def last_msg_id(self) -> int:
-        """The largest msg_id applied so far (0 for a new store)."""
+    def last_msg_id(self) -> int | None:
+        """The largest msg_id applied so far (None before the first message)."""
         with self.read() as txn:
-            return self._meta_u64(txn, _LAST_ID)
+            value = txn.get(_LAST_ID, db=self.meta)
+        return None if value is None else unpack_u64(value)
 
     def replica_id(self) -> int | None:
         """The replica id recorded at creation, or None before the first open."""
@@ -161,7 +174,7 @@ class State:
 
     # --- writes -------------------------------------------------------------------
 
-    def apply(self, records: Iterable[Deliver], upto_lsn: int) -> None:
+    def apply(self, records: Sequence[Deliver], upto_lsn: int) -> None:
         """Apply decoded DELIVER records and set the applied LSN, in one transaction.
 
         Raises :class:`StoreFull` if the LMDB map or the disk is full (the
@@ -179,9 +192,9 @@ class State:
                         put(pack_u64(uid), pack_u64(cursor), db=heads)
                     put(_pair.pack(record.sender, record.client_seq), _codec.encode_dedup(record.msg_id, record.pairs), db=dedup)
                     put(_triple.pack(msg_id_ms(record.msg_id), record.sender, record.client_seq), b"", db=expiry)
-                    if record.msg_id > last_id:
-                        last_id = record.msg_id
-                put(_LAST_ID, pack_u64(last_id), db=self.meta)
+                    last_id = max(last_id, record.msg_id)
+                if records:
+                    put(_LAST_ID, pack_u64(last_id), db=self.meta)
                 put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
         except lmdb.MapFullError as error:
             raise StoreFull(

@@ -84,7 +84,7 @@ _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 def _mark_forked() -> None:
     for store in list(_live_stores):
-        store._forked = True
+        store._forget_after_fork()
     _open_paths.clear()
 
 
@@ -123,6 +123,8 @@ def open(  # noqa: A001 - the public name is the contract
     :class:`CorruptionError` if the log or state is damaged,
     :class:`InvalidArgument` for bad options.
     """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise InvalidArgument(f"path must be a str or os.PathLike naming a directory, got {path!r}", key="path")
     return Store(
         os.fspath(path),
         durability=durability,
@@ -170,6 +172,14 @@ class Store:
         _check_option_int("dedup_window_ms", dedup_window_ms, hot_window_ms)
         _check_option_int("max_body_bytes", max_body_bytes, 0, 64 << 20)
         _check_option_int("segment_bytes", segment_bytes, 4096)
+        if type(readonly) is not bool:
+            raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
+        if clock_ms is not None and not callable(clock_ms):
+            raise InvalidArgument(f"clock_ms must be a callable returning epoch milliseconds, got {clock_ms!r}", key="clock_ms")
+        if fs is not None and not isinstance(fs, FileSystem):
+            raise InvalidArgument(f"fs must be a syncstore._fileio.FileSystem, got {fs!r}", key="fs")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InvalidArgument(f"{path} exists and is not a directory", path=path, key="path")
         self.path = path
         self.durability = durability
         self.readonly = readonly
@@ -324,14 +334,14 @@ class Store:
         if type(to) is not list and type(to) is not tuple:
             if isinstance(to, (str, bytes, bytearray)) or not isinstance(to, Iterable):
                 raise InvalidArgument(f"to must be a list of user ids, got {type(to).__name__}", key="to")
+        for uid in to:  # type: ignore[attr-defined]
+            if type(uid) is not int or not 0 <= uid <= MAX_U64:
+                check_u64("recipient id", uid)  # raises, with the precise reason
         recipients = tuple(dict.fromkeys(to))  # type: ignore[arg-type]  # drop repeats, keep order
         if not recipients:
             raise InvalidArgument("to must name at least one recipient", key="to")
         if len(recipients) > MAX_RECIPIENTS:
             raise InvalidArgument(f"at most {MAX_RECIPIENTS} recipients per message, got {len(recipients)}", key="to")
-        for uid in recipients:
-            if type(uid) is not int or not 0 <= uid <= MAX_U64:
-                check_u64("recipient id", uid)  # raises, with the precise reason
         return recipients
 
     def _check_message(self, message: object) -> Message:
@@ -356,6 +366,7 @@ class Store:
         """
         message = self._check_message(message)
         recipients = self._recipients(to)
+        self._check_usable()  # before taking the lock: a forked child may find it held forever
         self._backpressure()
         with self._lock:
             self._check_writable()
@@ -375,6 +386,9 @@ class Store:
         batches are committed in chunks of 16,384 messages to bound memory.
         Duplicates (also within the batch) behave as in :meth:`deliver`.
         """
+        self._check_usable()
+        if self.readonly:
+            raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise InvalidArgument(f"items must be an iterable of (message, to) pairs, got {type(items).__name__}", key="items")
         checked = []
@@ -432,8 +446,8 @@ class Store:
             pairs,
         )
         lsn = self._next_lsn
-        self._next_lsn = lsn + 1
         self._frames.append(_codec.encode_deliver_frame(lsn, record))
+        self._next_lsn = lsn + 1
         if self._flusher_idle:
             self._work.notify()
         overlay.add(lsn, record)
@@ -621,6 +635,25 @@ class Store:
                     self._apply_once()
             finally:
                 self._release()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: disown the parent's store so the child can open its own.
+
+        Closes only this process's copies of the LMDB environment and file
+        descriptors (the parent keeps its own; flock and LMDB reader slots
+        belong to the parent), and makes every method raise UsedAfterFork.
+        """
+        self._forked = True
+        state = getattr(self, "_state", None)
+        for close in (state.env.close if state is not None else None, self._wal.close if self._wal else None):
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # best effort in a child; the parent is what matters
+                    pass
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _abandon(self) -> None:
         """Test seam: drop the store as a killed process would (no flush, no apply, no sync).

@@ -63,15 +63,18 @@ def _frame_follows(data: bytes, start: int, min_lsn: int) -> int | None:
     for the high bytes of plausible LSNs, which every real frame carries at
     offset 8, and verifies each hit.
     """
+    # Only the written part can hold a frame; without this bound, the zero bytes
+    # of a preallocated tail would all match the zero high bytes of small LSNs.
+    end = len(data.rstrip(b"\0"))
     prefixes = {((min_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
     for prefix in prefixes:
-        hit = data.find(prefix, start + FRAME_PREFIX_SIZE)
+        hit = data.find(prefix, start + FRAME_PREFIX_SIZE, end)
         while hit != -1:
             candidate = hit - FRAME_PREFIX_SIZE
             frame = _codec.decode_frame(data, candidate)
             if frame is not None and frame.lsn >= min_lsn:
                 return candidate
-            hit = data.find(prefix, hit + 1)
+            hit = data.find(prefix, hit + 1, end)
     return None
 
 
@@ -95,6 +98,7 @@ class WriteAheadLog:
         self._fd = -1
         self._io_lock = threading.Lock()
         self._broken: DurabilityError | None = None
+        self._torn: tuple[str, int, int] | None = None  # (path, offset, bytes) to truncate
         self._unsynced = True  # recovered frames may not be durable yet
 
     # --- opening and recovery -------------------------------------------------
@@ -122,17 +126,22 @@ class WriteAheadLog:
         return wal
 
     def _recover(self, next_lsn: int) -> None:
+        # Validate everything first and repair (remove a half-created segment,
+        # truncate a torn tail) only once the whole log is known to be sound:
+        # an open that raises CorruptionError must leave the files as they were.
         names = sorted(n for n in self._fs.listdir(self.directory) if n.startswith(_PREFIX) and n.endswith(_SUFFIX))
+        incomplete = None
+        if names:
+            path = os.path.join(self.directory, names[-1])
+            data = self._fs.read_file(path)
+            if len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data):
+                # Crash while creating the segment: its header never became durable.
+                incomplete = (path, len(data))
+                names.pop()
         for index, name in enumerate(names):
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
             data = self._fs.read_file(path)
-            if is_last and data[:SEGMENT_HEADER_SIZE].count(0) == min(len(data), SEGMENT_HEADER_SIZE):
-                # Crash while creating the segment: its header never became durable.
-                log.warning("removing incomplete WAL segment %s (%d bytes)", path, len(data))
-                self._fs.unlink(path)
-                self._fs.fsync_dir(self.directory)
-                continue
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
                 raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
@@ -149,13 +158,19 @@ class WriteAheadLog:
                 path=first.path,
                 offset=0,
             )
-        if not self._segments or self.end_lsn < next_lsn - 1:
-            if self._segments:
-                raise CorruptionError(
-                    f"WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
-                    path=self._segments[-1].path,
-                    hint="the log was truncated or replaced; restore it from a backup or replica",
-                )
+        if self._segments and self.end_lsn < next_lsn - 1:
+            raise CorruptionError(
+                f"WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
+                path=self._segments[-1].path,
+                hint="the log was truncated or replaced; restore it from a backup or replica",
+            )
+        if incomplete is not None:
+            log.warning("removing incomplete WAL segment %s (%d bytes)", *incomplete)
+            self._fs.unlink(incomplete[0])
+            self._fs.fsync_dir(self.directory)
+        if self._torn is not None:
+            self._truncate(*self._torn)
+        if not self._segments:
             self._create_segment(next_lsn)
         else:
             self._fd = self._fs.open(self._segments[-1].path, self._write_flags)
@@ -194,8 +209,11 @@ class WriteAheadLog:
                 path=segment.path,
                 offset=offset,
             )
-        log.warning("truncating torn WAL tail of %s at offset %d (%d bytes dropped)", segment.path, offset, len(data) - offset)
-        fd = self._fs.open(segment.path, os.O_WRONLY)
+        self._torn = (segment.path, offset, len(data) - offset)
+
+    def _truncate(self, path: str, offset: int, dropped: int) -> None:
+        log.warning("truncating torn WAL tail of %s at offset %d (%d bytes dropped)", path, offset, dropped)
+        fd = self._fs.open(path, os.O_WRONLY)
         try:
             self._fs.truncate(fd, offset)
             self._fs.fsync(fd)
