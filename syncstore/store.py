@@ -1,31 +1,18 @@
 """The Store facade: open, deliver, deliver_many, sync, head, check, close.
 
-Write path (docs/design.md has the long version):
+This module validates arguments, owns the store's files (lock file, LMDB
+state, WAL) and their recovery on open, and serves reads.  The write path --
+sequencing, group commit, the LMDB applier -- lives in :mod:`syncstore._writer`;
+docs/design.md tells the whole story.
 
-1. ``deliver`` validates everything before touching any state.
-2. Under the *sequencing lock* it looks the idempotency key up (overlay, then
-   LMDB), assigns the msg_id and each recipient's next cursor, encodes one WAL
-   frame and adds the record to the overlay.  Nothing here does I/O beyond
-   LMDB reads, so the lock is held for microseconds.
-3. It then waits for its LSN to be acknowledged.  The first waiter becomes the
-   *group-commit leader*: it takes every frame sequenced so far, writes them
-   with one ``write`` and (durability "sync") one ``fdatasync``, acknowledges
-   them all and wakes the others.  Threads that arrive meanwhile form the next
-   group.
-4. A background *applier* moves acknowledged records from the overlay into
-   LMDB in large batches (one LMDB commit each), so LMDB's own fsync is paid
-   per batch rather than per group.
-
-Reads (``sync``, ``head``) merge the LMDB state with the overlay's
-acknowledged records, so every acknowledged write is visible at once.
+Reads (``sync``, ``head``) merge the LMDB state with the writer's
+acknowledged-but-unapplied records, so every acknowledged write is visible at
+once.
 """
 
 from __future__ import annotations
 
-import _thread
 import fcntl
-import heapq
-import itertools
 import logging
 import os
 import socket
@@ -35,24 +22,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
-import lmdb
-
 from . import _codec
-from ._codec import RECORD_DELIVER, Deliver, Pairs
+from ._codec import RECORD_DELIVER, Deliver, unpack_inbox_head
 from ._fileio import OS_FS, FileSystem
-from ._ids import MAX_REPLICA, MessageIds, msg_id_ms
-from ._overlay import Overlay
-from .errors import (
-    CorruptionError,
-    DurabilityError,
-    InvalidArgument,
-    ReadOnlyStore,
-    StoreClosed,
-    StoreLocked,
-    SyncStoreError,
-    UsedAfterFork,
-)
-from ._codec import unpack_inbox_head
+from ._ids import MAX_REPLICA, MessageIds
+from ._writer import Writer
+from .errors import CorruptionError, InvalidArgument, ReadOnlyStore, StoreClosed, StoreLocked, UsedAfterFork
 from .model import MAX_U64, Delivery, Message, Messages, Page, StoredMessage, check_u64
 from .state import State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
@@ -66,16 +41,11 @@ DAY_MS = 86_400_000
 #: written to the OS; fdatasync at least every 100 ms.  "none": acknowledged =
 #: written to the OS; fdatasync only when the applier needs it (about every second).
 DURABILITY_MODES = ("sync", "interval", "none")
-_APPLY_INTERVAL_S = {"sync": 0.02, "interval": 0.1, "none": 1.0}
 MAX_SYNC_LIMIT = 10_000
 MAX_RECIPIENTS = 100_000
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAP_SIZE = 64 << 30
-_APPLY_BATCH = 8_192  # wake the applier once this many records wait
-_MAX_PENDING = 65_536  # stop sequencing while this many records wait (bounded memory)
-_BULK_CHUNK = 16_384  # deliver_many commits in chunks of this many messages
 _REPLAY_BATCH = 20_000
-_PURGE_BATCH = 1_000
 
 _open_paths: dict[str, weakref.ref[Store]] = {}
 _open_paths_lock = threading.Lock()
@@ -191,21 +161,9 @@ class Store:
         self._closed = False
         self._forked = False
         self._lock_fd = -1
-        self._failure: SyncStoreError | None = None
-        self._overlay = Overlay()
-        self._lock = threading.Lock()  # sequencing: dedup, ids, cursors, frames, overlay
-        # Callers waiting for their LSN: a heap of (lsn, tiebreak, held lock); the
-        # flusher releases exactly the ones it acknowledged (no thundering herd).
-        self._waiters: list[tuple[int, int, _thread.LockType]] = []
-        self._tiebreak = itertools.count()
-        self._applied_cond = threading.Condition()  # applier progress (back-pressure)
-        self._apply_wakeup = threading.Event()
-        self._work = threading.Condition(self._lock)  # wakes the idle flusher
-        self._flusher_idle = False
-        self._flusher: threading.Thread | None = None
-        self._frames: list[bytes] = []
-        self._applier: threading.Thread | None = None
+        self._state: State | None = None
         self._wal: WriteAheadLog | None = None
+        self._writer: Writer | None = None
         self._register()
         try:
             self._open_files(replica_id, map_size, segment_bytes)
@@ -259,16 +217,18 @@ class Store:
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
         self._replay(applied)
-        end = self._wal.end_lsn
-        self._next_lsn = end + 1
-        self._written_lsn = self._synced_lsn = self._acked_lsn = end
         self._state.sync()
-        self._wal.retire(end)
-        self._ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
-        self._applier = threading.Thread(target=self._apply_loop, name=f"syncstore-applier:{self.path}", daemon=True)
-        self._applier.start()
-        self._flusher = threading.Thread(target=self._flush_loop, name=f"syncstore-flusher:{self.path}", daemon=True)
-        self._flusher.start()
+        self._wal.retire(self._wal.end_lsn)
+        ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
+        self._writer = Writer(
+            self.path,
+            self._state,
+            self._wal,
+            ids,
+            durability=self.durability,
+            clock_ms=self._clock,
+            dedup_window_ms=self.dedup_window_ms,
+        )
 
     def _take_lock(self) -> None:
         lock_path = os.path.join(self.path, "LOCK")
@@ -306,27 +266,11 @@ class Store:
         if self._closed:
             raise StoreClosed("the store is closed", path=self.path)
 
-    def _check_writable(self) -> None:
-        """Call with the sequencing lock held."""
+    def _check_writer(self) -> Writer:
         self._check_usable()
-        if self.readonly:
+        if self._writer is None:
             raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
-        if self._failure is not None:
-            raise self._failure_copy()
-
-    def _failure_copy(self) -> SyncStoreError:
-        failure = self._failure
-        assert failure is not None
-        return type(failure)(f"the store stopped accepting writes: {failure.message}", path=failure.path, hint=failure.hint)
-
-    def _fail(self, error: SyncStoreError) -> None:
-        if self._failure is None:
-            self._failure = error
-            log.error("store %s stops accepting writes: %s", self.path, error)
-        with self._lock:
-            self._release_waiters(2**64)
-        with self._applied_cond:
-            self._applied_cond.notify_all()
+        return self._writer
 
     # --- validation ---------------------------------------------------------------
 
@@ -366,18 +310,8 @@ class Store:
         """
         message = self._check_message(message)
         recipients = self._recipients(to)
-        self._check_usable()  # before taking the lock: a forked child may find it held forever
-        self._backpressure()
-        with self._lock:
-            self._check_writable()
-            txn = self._state.env.begin()
-            try:
-                msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
-            finally:
-                txn.abort()
-            gate = self._gate(lsn)
-        self._await(gate, lsn)
-        return Delivery.of(msg_id, duplicate, pairs)
+        writer = self._check_writer()  # before the writer's lock: a forked child may find it held forever
+        return Delivery.of(*writer.deliver(message, recipients))
 
     def deliver_many(self, items: Iterable[tuple[Message, Sequence[int]]]) -> list[Delivery]:
         """Deliver many ``(message, to)`` pairs with one group commit; results in order.
@@ -386,9 +320,7 @@ class Store:
         batches are committed in chunks of 16,384 messages to bound memory.
         Duplicates (also within the batch) behave as in :meth:`deliver`.
         """
-        self._check_usable()
-        if self.readonly:
-            raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
+        writer = self._check_writer()
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise InvalidArgument(f"items must be an iterable of (message, to) pairs, got {type(items).__name__}", key="items")
         checked = []
@@ -396,155 +328,7 @@ class Store:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise InvalidArgument(f"items[{index}] must be a (message, to) pair", key="items")
             checked.append((self._check_message(item[0]), self._recipients(item[1])))
-        results: list[Delivery] = []
-        for start in range(0, len(checked), _BULK_CHUNK):
-            self._backpressure()
-            last = 0
-            with self._lock:
-                self._check_writable()
-                with self._state.read() as txn:
-                    for message, recipients in checked[start : start + _BULK_CHUNK]:
-                        msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
-                        results.append(Delivery.of(msg_id, duplicate, pairs))
-                        last = max(last, lsn)
-                gate = self._gate(last)
-            self._await(gate, last)
-        return results
-
-    def _backpressure(self) -> None:
-        if len(self._overlay) < _MAX_PENDING:
-            return
-        self._apply_wakeup.set()
-        with self._applied_cond:
-            self._applied_cond.wait_for(lambda: len(self._overlay) < _MAX_PENDING or self._failure is not None or self._closed)
-
-    def _sequence(self, txn: lmdb.Transaction, message: Message, recipients: tuple[int, ...]) -> tuple[int, bool, Pairs, int]:
-        """Dedup, assign ids and cursors, frame the record; return (msg_id, duplicate, pairs, lsn).
-
-        Sequencing lock held.  The LSN of a duplicate is that of its first
-        delivery (0 if long applied), so the caller waits until it is durable.
-        """
-        overlay, state = self._overlay, self._state
-        sender, client_seq = message.sender, message.client_seq
-        pending = overlay.dedup(sender, client_seq)
-        if pending is not None:
-            lsn, msg_id, pairs = pending
-            return msg_id, True, pairs, lsn
-        seen = state.dedup_entry(txn, sender, client_seq)
-        if seen is not None and self._clock() - msg_id_ms(seen[0]) <= self.dedup_window_ms:
-            return seen[0], True, seen[1], 0
-        msg_id = self._ids.next()
-        pairs: Pairs = tuple((uid, (overlay.head(uid) or state.head(txn, uid)) + 1) for uid in recipients)
-        record = Deliver(
-            msg_id,
-            sender,
-            message.conv,
-            client_seq,
-            msg_id_ms(msg_id) if message.ts_ms is None else message.ts_ms,
-            message.priority,
-            message.body,
-            pairs,
-        )
-        lsn = self._next_lsn
-        self._frames.append(_codec.encode_deliver_frame(lsn, record))
-        self._next_lsn = lsn + 1
-        if self._flusher_idle:
-            self._work.notify()
-        overlay.add(lsn, record)
-        if len(overlay) == _APPLY_BATCH:
-            self._apply_wakeup.set()
-        return msg_id, False, pairs, lsn
-
-    def _gate(self, lsn: int) -> _thread.LockType | None:
-        """A held lock the flusher releases once ``lsn`` is acknowledged (None if it is).  Sequencing lock held."""
-        if lsn <= self._acked_lsn:
-            return None
-        gate = _thread.allocate_lock()
-        gate.acquire()
-        heapq.heappush(self._waiters, (lsn, next(self._tiebreak), gate))
-        return gate
-
-    def _await(self, gate: _thread.LockType | None, lsn: int) -> None:
-        """Block on ``gate`` until ``lsn`` is acknowledged; raise if the store failed first."""
-        if gate is None:
-            return
-        gate.acquire()
-        if lsn > self._acked_lsn:
-            raise self._failure_copy() if self._failure is not None else StoreClosed("the store was closed", path=self.path)
-
-    def _release_waiters(self, upto_lsn: int) -> None:
-        """Wake every caller waiting for an LSN <= ``upto_lsn``.  Sequencing lock held."""
-        waiters = self._waiters
-        while waiters and waiters[0][0] <= upto_lsn:
-            heapq.heappop(waiters)[2].release()
-
-    def _flush_loop(self) -> None:
-        """Group commit: write (and sync) every frame sequenced so far, back to back."""
-        assert self._wal is not None
-        while True:
-            with self._lock:
-                self._release_waiters(self._acked_lsn)
-                while not self._frames and not self._closed:
-                    self._flusher_idle = True
-                    self._work.wait()
-                self._flusher_idle = False
-                frames, self._frames = self._frames, []
-                last = self._next_lsn - 1
-            if not frames and self._closed:
-                return
-            try:
-                self._wal.append(b"".join(frames), last, self._written_lsn + 1)
-                self._written_lsn = last
-                if self.durability == "sync":
-                    self._wal.sync()
-                    self._synced_lsn = last
-            except SyncStoreError as error:
-                self._fail(error)
-                return
-            self._acked_lsn = last
-
-    # --- applier ------------------------------------------------------------------
-
-    def _apply_loop(self) -> None:
-        interval = _APPLY_INTERVAL_S[self.durability]
-        next_purge = 0.0
-        while not self._closed:
-            self._apply_wakeup.wait(interval)
-            self._apply_wakeup.clear()
-            if self._failure is not None:
-                return
-            try:
-                self._apply_once()
-                if time.monotonic() >= next_purge:
-                    removed = self._state.purge_dedup(self._clock() - self.dedup_window_ms, _PURGE_BATCH)
-                    next_purge = 0.0 if removed == _PURGE_BATCH else time.monotonic() + 1.0
-            except SyncStoreError as error:
-                self._fail(error)
-                return
-            except Exception as error:  # never let the applier die silently
-                self._fail(DurabilityError(f"applier failed: {error!r}", path=self.path))
-                return
-
-    def _apply_once(self) -> None:
-        """Move acknowledged, durable records from the overlay into LMDB."""
-        assert self._wal is not None
-        if self.durability != "sync":
-            written = self._written_lsn
-            self._wal.sync()  # LMDB must never get ahead of the durable WAL
-            self._synced_lsn = max(self._synced_lsn, written)
-        upto = self._synced_lsn
-        with self._lock:
-            records = self._overlay.take(upto)
-        if not records:
-            return
-        self._state.apply(records, upto)
-        with self._lock:
-            self._overlay.forget(upto)
-        with self._applied_cond:
-            self._applied_cond.notify_all()
-        if len(self._wal.segment_paths()) > 1:
-            self._state.sync()  # the applied LSN must be durable before its WAL goes
-            self._wal.retire(upto)
+        return [Delivery.of(*result) for result in writer.deliver_many(checked)]
 
     # --- reads --------------------------------------------------------------------
 
@@ -559,13 +343,10 @@ class Store:
         check_u64("since", since)
         if type(limit) is not int or not 1 <= limit <= MAX_SYNC_LIMIT:
             raise InvalidArgument(f"limit must be an int in 1..{MAX_SYNC_LIMIT}, got {limit!r}", key="limit")
-        pending: list[StoredMessage] = []
-        pending_head = 0
-        if len(self._overlay):
-            # Overlay first, LMDB second: a record the applier moves in between is
-            # then seen twice (and merged), never missed.
-            with self._lock:
-                pending, pending_head = self._overlay.visible(user, since, self._acked_lsn)
+        # Unapplied records first, LMDB second: a record the applier moves in
+        # between is then seen twice (and merged), never missed.
+        pending, pending_head = self._writer.pending(user, since) if self._writer else ([], 0)
+        assert self._state is not None
         txn = self._state.env.begin()
         try:
             applied_head = self._state.head(txn, user)
@@ -582,10 +363,8 @@ class Store:
         """The user's latest acknowledged cursor (0 if the user has no messages)."""
         self._check_usable()
         check_u64("user", user)
-        pending_head = 0
-        if len(self._overlay):
-            with self._lock:
-                _messages, pending_head = self._overlay.visible(user, MAX_CURSOR, self._acked_lsn)
+        pending_head = self._writer.pending(user, MAX_U64)[1] if self._writer else 0
+        assert self._state is not None
         with self._state.read() as txn:
             return max(self._state.head(txn, user), pending_head)
 
@@ -601,40 +380,24 @@ class Store:
         Cost is proportional to the store's size.
         """
         self._check_usable()
-        wal_end = self._wal.end_lsn if self._wal is not None else 2**64
-        with self._lock:
-            counts = self._state.check(wal_end)
-            with self._state.read() as txn:
-                heads = dict(self._state.iter_heads(txn))
-                applied = self._state.applied_lsn(txn)
-            problem = self._overlay.check_continues(heads, applied)
-            pending = len(self._overlay)
-        if problem is not None:
-            raise CorruptionError(f"unapplied records do not continue the state: {problem}", path=self.path)
-        return {**counts, "pending": pending}
+        assert self._state is not None
+        if self._writer is None:
+            return {**self._state.check(2**64), "pending": 0}
+        return self._writer.check()
 
     def close(self) -> None:
-        """Flush, apply everything acknowledged, and close.  Idempotent."""
+        """Flush, apply everything acknowledged, and close.  Idempotent.
+
+        Raises the writer's failure if the final flush fails; the files and
+        the lock are released either way, so the store can be reopened.
+        """
         if self._closed or self._forked:
             return
         try:
-            if not self.readonly and self._failure is None:
-                with self._lock:
-                    gate = self._gate(self._next_lsn - 1)
-                self._await(gate, self._next_lsn - 1)
+            if self._writer is not None:
+                self._writer.close()
         finally:
-            with self._lock:
-                self._closed = True
-                self._work.notify()
-            self._apply_wakeup.set()
-            for thread in (self._flusher, self._applier):
-                if thread is not None:
-                    thread.join()
-            try:
-                if not self.readonly and self._failure is None:
-                    self._apply_once()
-            finally:
-                self._release()
+            self._release()
 
     def _forget_after_fork(self) -> None:
         """In a forked child: disown the parent's store so the child can open its own.
@@ -644,8 +407,7 @@ class Store:
         belong to the parent), and makes every method raise UsedAfterFork.
         """
         self._forked = True
-        state = getattr(self, "_state", None)
-        for close in (state.env.close if state is not None else None, self._wal.close if self._wal else None):
+        for close in (self._state.env.close if self._state else None, self._wal.close if self._wal else None):
             if close is not None:
                 try:
                     close()
@@ -661,27 +423,17 @@ class Store:
         Whatever reached the OS stays there, as after a ``SIGKILL``; the next
         ``open`` must recover from the WAL alone.
         """
-        with self._lock:
-            self._closed = True
-            self._frames = []
-            self._work.notify()
-            self._release_waiters(2**64)
-        self._apply_wakeup.set()
-        for thread in (self._flusher, self._applier):
-            if thread is not None:
-                thread.join()
-        if getattr(self, "_state", None) is not None:
-            self._state.env.close()
-            self._state = None  # type: ignore[assignment]
+        if self._writer is not None:
+            self._writer.abandon()
+        if self._state is not None:
+            self._state.env.close()  # no final sync, as in a crash
+            self._state = None
         self._release()
 
     def _release(self) -> None:
         self._closed = True
-        with self._applied_cond:
-            self._applied_cond.notify_all()
-        state = getattr(self, "_state", None)
-        if state is not None:
-            state.close()
+        if self._state is not None:
+            self._state.close()
         if self._wal is not None:
             self._wal.close()
         if self._lock_fd >= 0:
@@ -701,8 +453,6 @@ class Store:
         state = "closed" if self._closed else ("read-only" if self.readonly else self.durability)
         return f"<syncstore.Store {self.path!r} {state}>"
 
-
-MAX_CURSOR = 2**64 - 1
 
 
 def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Deliver:
