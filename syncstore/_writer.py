@@ -117,11 +117,17 @@ class Writer:
         return msg_id, duplicate, pairs
 
     def deliver_many(self, items: Sequence[tuple[Message, tuple[int, ...]]]) -> list[Sequenced]:
-        """Sequence validated messages in chunks of :data:`BULK_CHUNK`, one wait per chunk."""
+        """Sequence validated messages and wait once, for the last of them.
+
+        The lock is released every :data:`BULK_CHUNK` messages so the flusher
+        can write (and the applier apply) one chunk while the next is
+        sequenced; back-pressure between chunks bounds the memory used.
+        """
         results: list[Sequenced] = []
+        last = 0
+        gate = None
         for start in range(0, len(items), BULK_CHUNK):
             self._backpressure()
-            last = 0
             with self.lock:
                 self._check_writable()
                 txn = self._state.env.begin()
@@ -132,8 +138,9 @@ class Writer:
                         last = max(last, lsn)
                 finally:
                     txn.abort()
-                gate = self._gate(last)
-            self._await(gate, last)
+                if start + BULK_CHUNK >= len(items):
+                    gate = self._gate(last)
+        self._await(gate, last)
         return results
 
     def _check_writable(self) -> None:
