@@ -8,6 +8,7 @@
         page = store.sync(9, since=0, limit=100)
 """
 
+from . import crdt
 from .errors import (
     CorruptionError,
     DurabilityError,
@@ -23,6 +24,7 @@ from .model import Delivery, Message, Messages, Page, StoredMessage
 from .store import DURABILITY_MODES, Store, open
 
 __all__ = [
+    "crdt",
     "open",
     "Store",
     "Message",

@@ -1,0 +1,399 @@
+"""Property tests of syncstore.crdt: merge laws, deltas, codec, convergence.
+
+States come from simulated histories -- replicas applying random operations
+and merging each other's states -- because the laws are promised for states
+a real system can reach (a dot names one event everywhere), not for
+arbitrary field values.  Deltas are part of the pool: they are merged too.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from crc32c import crc32c
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from syncstore.crdt import (
+    CRDT,
+    HLC,
+    CRDTMap,
+    GCounter,
+    LWWRegister,
+    MaxRegister,
+    ORSet,
+    PNCounter,
+    Stamp,
+    decode,
+)
+from syncstore.crdt._values import value_key
+from syncstore.errors import CorruptionError, InvalidArgument
+
+LAWS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+#: Replica ids of the simulated datacenters; the extremes exercise the encoding.
+REPLICAS = (1, 2, 2**32 + 7, 2**63, 2**64 - 1)
+#: An id no simulated replica uses, for operations made up by a test.
+FRESH = 99
+
+VALUES = st.one_of(
+    st.integers(-2, 2),
+    st.sampled_from([-(2**63), 2**63 - 1]),
+    st.binary(max_size=2),
+    st.text(alphabet="a\u00e9\U0001f600", max_size=2),
+)
+ELEMENTS = st.sampled_from([0, 1, b"", b"a", "a", "\u00e9"])
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to drive one type: random operation parameters and their call."""
+
+    kind: type[CRDT]
+    params: st.SearchStrategy[Any]
+    call: Callable[[int, Any], tuple[str, tuple[Any, ...]]]  # (replica, params) -> (method, args)
+
+    def __str__(self) -> str:
+        return self.kind.__name__
+
+
+def apply(state: CRDT, spec: Spec, replica: int, params: Any, delta: bool = False) -> CRDT:
+    """Run the operation ``params`` (or its ``_delta`` twin) on ``state``."""
+    method, args = spec.call(replica, params)
+    return getattr(state, method + ("_delta" if delta else ""))(*args)
+
+
+GCOUNTER = Spec(GCounter, st.sampled_from([0, 1, 2, 3, 2**40]), lambda r, n: ("increment", (r, n)))
+PNCOUNTER = Spec(
+    PNCounter,
+    st.tuples(st.booleans(), st.integers(0, 3)),
+    lambda r, p: ("increment" if p[0] else "decrement", (r, p[1])),
+)
+# Random (not HLC) stamps, so ties between replicas and even within one occur.
+LWW = Spec(
+    LWWRegister,
+    st.tuples(VALUES, st.integers(0, 3), st.integers(0, 2)),
+    lambda r, p: ("assign", (p[0], Stamp(p[1], p[2], r))),
+)
+MAX = Spec(MaxRegister, VALUES, lambda r, v: ("assign", (v,)))
+ORSET = Spec(
+    ORSet,
+    st.tuples(st.booleans(), ELEMENTS),
+    lambda r, p: ("add", (r, p[1])) if p[0] else ("remove", (p[1],)),
+)
+FIELD_SPECS = {"badge": PNCOUNTER, "sent": GCOUNTER, "draft": LWW, "read": MAX, "pins": ORSET}
+
+
+def _map_call(spec_of: dict[str, Spec]) -> Callable[[int, Any], tuple[str, tuple[Any, ...]]]:
+    def call(replica: int, params: Any) -> tuple[str, tuple[Any, ...]]:
+        name, inner = params
+        if inner is None:
+            return "remove", (name,)
+        spec = spec_of[name]
+        return "update", (replica, name, spec.kind, lambda cur: apply(cur, spec, replica, inner))
+
+    return call
+
+
+def _map_params(spec_of: dict[str, Spec]) -> st.SearchStrategy[Any]:
+    return st.sampled_from(sorted(spec_of)).flatmap(
+        lambda name: st.tuples(st.just(name), st.none() | spec_of[name].params)
+    )
+
+
+_INNER_MAP = Spec(CRDTMap, _map_params(FIELD_SPECS), _map_call(FIELD_SPECS))
+MAP_FIELDS = {**FIELD_SPECS, "prefs": _INNER_MAP}  # one nested document
+MAP = Spec(CRDTMap, _map_params(MAP_FIELDS), _map_call(MAP_FIELDS))
+
+SPECS = [GCOUNTER, PNCOUNTER, LWW, MAX, ORSET, MAP]
+by_spec = pytest.mark.parametrize("spec", SPECS, ids=str)
+
+
+@st.composite
+def histories(draw: st.DrawFn, spec: Spec, replicas: int = 3, max_steps: int = 10) -> list[CRDT]:
+    """Every state and delta seen while ``replicas`` replicas run random steps."""
+    states = [spec.kind()] * replicas
+    pool = [spec.kind()]
+    step = st.tuples(st.integers(0, replicas - 1), st.integers(0, replicas - 1) | spec.params.map(lambda p: [p]))
+    for i, what in draw(st.lists(step, max_size=max_steps)):
+        if isinstance(what, int):
+            states[i] = states[i].merge(states[what])
+        else:
+            pool.append(apply(states[i], spec, REPLICAS[i], what[0], delta=True))
+            states[i] = apply(states[i], spec, REPLICAS[i], what[0])
+        pool.append(states[i])
+    return pool
+
+
+def some(data: st.DataObject, pool: list[CRDT], n: int) -> list[CRDT]:
+    """``n`` states drawn from ``pool`` (with repetition)."""
+    return [data.draw(st.sampled_from(pool)) for _ in range(n)]
+
+
+# --- the laws -------------------------------------------------------------------
+
+
+@by_spec
+@LAWS
+@given(data=st.data())
+def test_merge_is_commutative_associative_idempotent(spec: Spec, data: st.DataObject) -> None:
+    a, b, c = some(data, data.draw(histories(spec)), 3)
+    assert a.merge(b) == b.merge(a)
+    assert hash(a.merge(b)) == hash(b.merge(a))
+    assert a.merge(b.merge(c)) == a.merge(b).merge(c)
+    assert a.merge(a) == a
+    assert a.merge(b).merge(b) == a.merge(b)  # a merged state absorbs its inputs
+    if isinstance(a, (ORSet, CRDTMap)):  # bounded: one dot per entry and replica
+        for _, dots in a.merge(b).entries:
+            assert len({replica for (replica, _), _ in dots}) == len(dots)
+
+
+def _is_small(delta: CRDT) -> bool:
+    """A delta carries one replica's entry or one key, not the whole state."""
+    if isinstance(delta, GCounter):
+        return len(delta.counts) <= 1
+    if isinstance(delta, PNCounter):
+        return len(delta.plus.counts) + len(delta.minus.counts) <= 1
+    if isinstance(delta, (ORSet, CRDTMap)):
+        return len(delta.entries) <= 1
+    return True  # a register is its single write
+
+
+@by_spec
+@LAWS
+@given(data=st.data())
+def test_merging_a_delta_equals_applying_the_operation(spec: Spec, data: st.DataObject) -> None:
+    x, y = some(data, data.draw(histories(spec)), 2)
+    params = data.draw(spec.params)
+    delta = apply(x, spec, FRESH, params, delta=True)
+    after = apply(x, spec, FRESH, params)
+    assert x.merge(delta) == after
+    # Shipped to a replica that has merged x, the delta has the same effect.
+    assert y.merge(x).merge(delta) == y.merge(after)
+    assert _is_small(delta)
+    assert len(delta.encode()) <= max(len(after.encode()), 64)
+
+
+# --- the codec ------------------------------------------------------------------
+
+
+@by_spec
+@LAWS
+@given(data=st.data())
+def test_codec_round_trips_and_detects_any_corrupted_byte(spec: Spec, data: st.DataObject) -> None:
+    (x,) = some(data, data.draw(histories(spec)), 1)
+    encoded = x.encode()
+    assert type(encoded) is bytes
+    assert spec.kind.decode(encoded) == x
+    assert decode(bytearray(encoded)) == x
+    i = data.draw(st.integers(0, len(encoded) - 1))
+    flip = data.draw(st.integers(1, 255))
+    damaged = encoded[:i] + bytes([encoded[i] ^ flip]) + encoded[i + 1 :]
+    with pytest.raises(CorruptionError) as caught:
+        spec.kind.decode(damaged)
+    assert caught.value.offset is not None
+
+
+def _frame(tag: int, body: bytes) -> bytes:
+    """A well-formed frame around ``body`` (valid length and CRC)."""
+    head = b"CR" + struct.pack(">BBI", 1, tag, len(body)) + body
+    return head + struct.pack(">I", crc32c(head))
+
+
+def _assert_rejected_or_canonical(data: bytes) -> None:
+    """Bytes either fail with a syncstore error or decode to a value that encodes back to them."""
+    try:
+        value = decode(data)
+    except (CorruptionError, InvalidArgument):
+        return
+    assert value.encode() == data
+
+
+@by_spec
+@LAWS
+@given(data=st.data())
+def test_decoding_mutated_bodies_with_valid_crc_never_crashes(spec: Spec, data: st.DataObject) -> None:
+    # The CRC would catch these; re-framing them exercises every check behind it.
+    (x,) = some(data, data.draw(histories(spec)), 1)
+    body = bytearray(x.encode()[8:-4])
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(body)))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete", "max"]))
+        if action == "insert" or not body:
+            body[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+        elif action == "delete":
+            del body[min(i, len(body) - 1)]
+        else:
+            i = min(i, len(body) - 1)
+            body[i] = 0xFF if action == "max" else body[i] ^ data.draw(st.integers(1, 255))
+    _assert_rejected_or_canonical(_frame(spec.kind.TAG, bytes(body)))
+
+
+@LAWS
+@given(tag=st.integers(0, 7), body=st.binary(max_size=64))
+def test_decoding_random_bodies_never_crashes(tag: int, body: bytes) -> None:
+    _assert_rejected_or_canonical(_frame(tag, body))
+
+
+@LAWS
+@given(data=st.binary(max_size=64))
+def test_decoding_random_bytes_never_crashes(data: bytes) -> None:
+    _assert_rejected_or_canonical(data)
+
+
+# --- convergence ----------------------------------------------------------------
+
+
+def _rank(value: Any) -> tuple[bool, bool, Any]:
+    """The documented order of values, restated independently: int < bytes < str."""
+    return (type(value) is not int, type(value) is str, value)
+
+
+def _expected(spec: Spec, ops: list[tuple[int, Any]]) -> Any:
+    """The value a sequential model predicts, where the type has one."""
+    if spec is GCOUNTER:
+        return sum(n for _, n in ops)
+    if spec is PNCOUNTER:
+        return sum(n if up else -n for _, (up, n) in ops)
+    if spec is MAX and ops:
+        return max((value for _, value in ops), key=_rank)
+    if spec is LWW and ops:
+        # The last writer: greatest (physical, logical, replica), then value.
+        _, (value, _, _) = max(ops, key=lambda op: (op[1][1], op[1][2], op[0], _rank(op[1][0])))
+        return value
+    return None
+
+
+@by_spec
+@LAWS
+@given(data=st.data())
+def test_replicas_converge_under_reordering_duplication_and_delay(spec: Spec, data: st.DataObject) -> None:
+    n = data.draw(st.integers(3, 5))
+    rnd = data.draw(st.randoms(use_true_random=False))
+    states = [spec.kind()] * n
+    everything = spec.kind()
+    inflight: list[tuple[int, CRDT]] = []  # (destination, delta or full state)
+    ops: list[tuple[int, Any]] = []
+    for i, params in data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.none() | spec.params), max_size=12)):
+        while inflight and rnd.random() < 0.5:  # deliver some, in random order
+            dest, payload = inflight.pop(rnd.randrange(len(inflight)))
+            states[dest] = states[dest].merge(payload)
+            if rnd.random() < 0.3:
+                inflight.append((dest, payload))  # the network duplicates it
+        if params is None:
+            inflight.append((rnd.randrange(n), states[i]))  # anti-entropy: a full state
+            continue
+        delta = apply(states[i], spec, REPLICAS[i], params, delta=True)
+        states[i] = states[i].merge(delta)
+        everything = everything.merge(delta)
+        ops.append((REPLICAS[i], params))
+        inflight += [(j, delta) for j in range(n) if j != i]
+    rnd.shuffle(inflight)
+    for dest, payload in inflight + inflight[: rnd.randrange(len(inflight) + 1)]:
+        states[dest] = states[dest].merge(payload)
+    assert all(state == everything for state in states)
+    assert all(state.encode() == everything.encode() for state in states)
+    expected = _expected(spec, ops)
+    if expected is not None:
+        assert everything.value == expected
+
+
+# --- semantics over random histories ---------------------------------------------
+
+
+@LAWS
+@given(data=st.data(), element=ELEMENTS)
+def test_orset_add_wins_over_a_concurrent_remove(data: st.DataObject, element: Any) -> None:
+    x, y = some(data, data.draw(histories(ORSET)), 2)
+    added = x.add(FRESH, element)  # a dot y cannot have seen
+    removed = y.add(REPLICAS[0], element).remove(element) if data.draw(st.booleans()) else y.remove(element)
+    assert element in added.merge(removed).value
+    assert element in removed.merge(added).value
+
+
+@LAWS
+@given(data=st.data(), element=ELEMENTS)
+def test_orset_remove_wins_over_every_add_it_observed(data: st.DataObject, element: Any) -> None:
+    pool = data.draw(histories(ORSET))
+    x, z = some(data, pool, 2)
+    seen = x.merge(z)
+    removed = seen.remove(element)
+    for w in pool:
+        if seen.merge(w) == seen:  # w holds only adds the remover observed
+            assert element not in removed.merge(w).value
+            assert element not in w.merge(removed).value
+
+
+@LAWS
+@given(data=st.data(), element=ELEMENTS)
+def test_orset_removed_element_never_comes_back_in_any_merge_order(data: st.DataObject, element: Any) -> None:
+    pool = data.draw(histories(ORSET))
+    synced = pool[0]
+    for state in pool:
+        synced = synced.merge(state)
+    if data.draw(st.booleans()):
+        synced = synced.add(REPLICAS[0], element)
+    delta = synced.remove_delta(element)
+    removed = synced.merge(delta)
+    removed_dots = {dot for dot, _ in synced._entry(element)}
+    # Replicas holding stale states receive the removal (whole or as a delta),
+    # stale states from anyone and each other's states, in any order and
+    # duplicated, plus adds of other elements.
+    replicas = some(data, pool, 3)
+    got_state, got_delta = [False] * 3, [False] * 3
+    for _ in range(data.draw(st.integers(1, 12))):
+        i = data.draw(st.integers(0, 2))
+        source = data.draw(st.sampled_from(["state", "delta", "stale", "peer", "add"]))
+        if source == "state":
+            replicas[i], got_state[i] = replicas[i].merge(removed), True
+        elif source == "delta":
+            replicas[i], got_delta[i] = replicas[i].merge(delta), True
+        elif source == "stale":
+            replicas[i] = replicas[i].merge(data.draw(st.sampled_from(pool)))
+        elif source == "peer":
+            j = data.draw(st.integers(0, 2))
+            replicas[i] = replicas[i].merge(replicas[j])
+            got_state[i], got_delta[i] = got_state[i] or got_state[j], got_delta[i] or got_delta[j]
+        else:
+            other = data.draw(ELEMENTS.filter(lambda e: value_key(e) != value_key(element)))
+            replicas[i] = replicas[i].add(FRESH + i, other)
+        for state, whole, part in zip(replicas, got_state, got_delta):
+            if whole:  # the remover saw every add of the element anywhere
+                assert element not in state.value
+            if part:  # a delta alone removes exactly the adds it names
+                assert not removed_dots & {dot for dot, _ in state._entry(element)}
+
+
+# --- HLC ------------------------------------------------------------------------
+
+
+@LAWS
+@given(
+    events=st.lists(
+        st.tuples(st.integers(-5_000, 5_000), st.none() | st.tuples(st.integers(-5_000, 5_000), st.integers(0, 3))),
+        max_size=30,
+    )
+)
+def test_hlc_never_goes_backwards_whatever_the_wall_clock_does(events: list[Any]) -> None:
+    wall = [1_000_000]
+    clock = HLC(1, lambda: wall[0], max_drift_ms=1_000)
+    last = None
+    for step, remote in events:
+        wall[0] = max(0, wall[0] + step)  # steps back as well as forward
+        if remote is None:
+            stamp = clock.now()
+        else:
+            theirs = Stamp(max(0, wall[0] + remote[0]), remote[1], 2)
+            try:
+                stamp = clock.update(theirs)
+            except InvalidArgument:
+                assert theirs.physical > wall[0] + 1_000  # refused only beyond the drift bound
+                continue
+            assert stamp > theirs
+        assert last is None or stamp > last
+        assert stamp.physical >= wall[0]  # never behind the wall clock either
+        last = stamp
