@@ -179,10 +179,10 @@ class Writer:
         overlay, state = self.overlay, self._state
         sender, client_seq = message.sender, message.client_seq
         pending = overlay.dedup(sender, client_seq)
-        if pending is not None:
+        if pending is not None and self._clock() - msg_id_ms(pending[1]) <= self._dedup_window_ms:
             lsn, msg_id, pairs = pending
             return msg_id, True, pairs, lsn
-        seen = state.dedup_entry(txn, sender, client_seq)
+        seen = None if pending is not None else state.dedup_entry(txn, sender, client_seq)
         if seen is not None and self._clock() - msg_id_ms(seen[0]) <= self._dedup_window_ms:
             return seen[0], True, seen[1], 0
         msg_id = self._ids.next()

@@ -1,0 +1,90 @@
+"""Exact dedup: the window, expiry, purging, and restarts."""
+
+from __future__ import annotations
+
+import syncstore
+from syncstore import Message
+
+DAY = 86_400_000
+
+
+class FakeClock:
+    """A settable wall clock in epoch milliseconds."""
+
+    def __init__(self, now: int = 1_800_000_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def msg(seq: int, body: bytes = b"hello") -> Message:
+    return Message(sender=7, conv=1, client_seq=seq, body=body)
+
+
+def test_retry_inside_the_window_is_a_duplicate_even_after_restart(store_path):
+    clock = FakeClock()
+    with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=2 * DAY, hot_window_ms=DAY) as store:
+        first = store.deliver(msg(1), to=[1, 2])
+    clock.now += 2 * DAY  # exactly at the edge: still inside
+    with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=2 * DAY, hot_window_ms=DAY) as store:
+        again = store.deliver(msg(1, b"different body"), to=[3])
+        assert again.duplicate and again.msg_id == first.msg_id and again.cursors == {1: 1, 2: 1}
+        assert store.head(3) == 0  # nothing was written for the retry
+        assert store.sync(1).messages[0].body == b"hello"
+
+
+def test_retry_after_the_window_is_a_new_message(store_path):
+    clock = FakeClock()
+    with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY) as store:
+        first = store.deliver(msg(1), to=[1])
+        clock.now += DAY + 1
+        later = store.deliver(msg(1, b"again"), to=[1])
+        assert not later.duplicate and later.msg_id != first.msg_id and later.cursors == {1: 2}
+        # ...and the new delivery is now the one a retry gets back
+        assert store.deliver(msg(1), to=[1]) == syncstore.Delivery(later.msg_id, True, {1: 2})
+        store.check()
+
+
+def test_expired_entries_are_purged_and_a_redelivered_key_keeps_its_new_entry(store_path):
+    clock = FakeClock()
+    options = dict(clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY)
+    with syncstore.open(store_path, **options) as store:
+        for seq in range(1, 2_501):  # more than one purge batch (1,000)
+            store.deliver(msg(seq), to=[seq % 5])
+    assert_dedup_entries(store_path, options, 2_500)
+    clock.now += DAY + 1
+    with syncstore.open(store_path, **options) as store:
+        renewed = store.deliver(msg(1, b"renewed"), to=[9])
+    # The applier purges in the background; drive it to completion deterministically.
+    with syncstore.open(store_path, **options) as store:
+        state = store._state
+        while state.purge_dedup(clock.now - DAY, 1_000):
+            pass
+        assert store.check()["dedup_entries"] == 1
+        assert store.deliver(msg(1), to=[9]) == syncstore.Delivery(renewed.msg_id, True, {9: 1})
+        assert not store.deliver(msg(2), to=[9]).duplicate  # purged: accepted as new
+
+
+def test_purge_is_bounded_per_call(store_path):
+    clock = FakeClock()
+    options = dict(clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY)
+    with syncstore.open(store_path, **options) as store:
+        store.deliver_many([(msg(seq), [1]) for seq in range(1, 301)])
+    clock.now += 2 * DAY
+    with syncstore.open(store_path, **options) as store:
+        assert store._state.purge_dedup(clock.now - DAY, 100) == 100
+        assert store.check()["dedup_entries"] == 200
+
+
+def test_duplicates_inside_one_batch(store_path):
+    with syncstore.open(store_path) as store:
+        results = store.deliver_many([(msg(1), [1]), (msg(1, b"retry"), [2]), (msg(2), [1])])
+        assert [r.duplicate for r in results] == [False, True, False]
+        assert results[1].msg_id == results[0].msg_id and results[1].cursors == {1: 1}
+        assert store.head(2) == 0 and store.head(1) == 2
+
+
+def assert_dedup_entries(path: str, options: dict, expected: int) -> None:
+    with syncstore.open(path, **options) as store:
+        assert store.check()["dedup_entries"] == expected

@@ -1,0 +1,116 @@
+"""Durability policies and the failed-fsync rule, through the I/O seam."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import syncstore
+from syncstore import DurabilityError, Message, StoreFull
+from syncstore._fileio import FileSystem
+
+
+class FailingFS(FileSystem):
+    """Fails one kind of file operation with ``error`` from its ``fail_at``-th call on."""
+
+    def __init__(self, operation: str, error: int) -> None:
+        self.operation = operation
+        self.error = error
+        self.fail_at: int | None = None  # armed later, after open
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name == self.operation and self.fail_at is not None and self.calls[name] >= self.fail_at:
+            raise OSError(self.error, os.strerror(self.error))
+
+    def arm(self) -> None:
+        """Fail the next call of the operation, and every later one."""
+        self.fail_at = self.calls.get(self.operation, 0) + 1
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        self._count("pwrite")
+        super().pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        self._count("fdatasync")
+        super().fdatasync(fd)
+
+
+def msg(seq: int) -> Message:
+    return Message(sender=3, conv=1, client_seq=seq, body=b"m%d" % seq)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(errno.EIO, DurabilityError), (errno.ENOSPC, StoreFull)],
+)
+def test_failed_log_write_stops_writes_until_reopen(store_path, error, expected):
+    fs = FailingFS("pwrite", error)
+    store = syncstore.open(store_path, fs=fs)
+    acked = [store.deliver(msg(seq), to=[1]) for seq in range(1, 6)]
+    fs.arm()
+    with pytest.raises(expected) as failed:
+        store.deliver(msg(6), to=[1])
+    assert "reopen" in str(failed.value)
+    attempts = fs.calls["pwrite"]
+    with pytest.raises(expected):  # refused at once, without touching the log again
+        store.deliver(msg(7), to=[1])
+    with pytest.raises(expected):
+        store.deliver_many([(msg(8), [1])])
+    assert fs.calls["pwrite"] == attempts
+    # reads keep working and see everything acknowledged
+    assert [m.cursor for m in store.sync(1).messages] == [1, 2, 3, 4, 5]
+    assert store.head(1) == 5
+    store.close()
+    with syncstore.open(store_path) as reopened:
+        assert reopened.head(1) == 5
+        assert [m.msg_id for m in reopened.sync(1).messages] == [d.msg_id for d in acked]
+        assert reopened.deliver(msg(6), to=[1]).cursors == {1: 6}
+        reopened.check()
+
+
+def test_failed_fdatasync_is_never_retried(store_path):
+    fs = FailingFS("fdatasync", errno.EIO)
+    store = syncstore.open(store_path, durability="interval", fs=fs)
+    store.deliver(msg(1), to=[1])
+    fs.arm()
+    # The background flusher syncs at least every 100 ms; keep writing until the
+    # failure surfaces (bounded by the number of attempts, not by time).
+    with pytest.raises(DurabilityError):
+        for seq in range(2, 1_000_000):
+            store.deliver(msg(seq), to=[1])
+    syncs = fs.calls["fdatasync"]
+    with pytest.raises(DurabilityError):
+        store.deliver(msg(10**9), to=[1])
+    store.close()
+    assert fs.calls["fdatasync"] == syncs  # no second attempt, ever
+    with syncstore.open(store_path) as reopened:
+        reopened.check()
+        assert reopened.head(1) >= 1
+
+
+@pytest.mark.parametrize("durability", ["sync", "interval", "none"])
+def test_every_mode_survives_a_process_crash(store_path, durability):
+    store = syncstore.open(store_path, durability=durability)
+    acked = [store.deliver(msg(seq), to=[1, 2]) for seq in range(1, 50)]
+    store._abandon()  # as SIGKILL: what reached the OS stays, nothing else happens
+    with syncstore.open(store_path, durability=durability) as store:
+        assert store.head(1) == store.head(2) == 49
+        assert [m.msg_id for m in store.sync(2, 0, 100).messages] == [d.msg_id for d in acked]
+        store.check()
+
+
+def test_sync_mode_appends_with_o_dsync_and_other_modes_call_fdatasync(store_path):
+    fs = FailingFS("none", 0)
+    with syncstore.open(store_path, durability="sync", fs=fs) as store:
+        before = fs.calls.get("fdatasync", 0)
+        for seq in range(1, 20):
+            store.deliver(msg(seq), to=[1])
+        assert fs.calls.get("fdatasync", 0) == before  # durability came from O_DSYNC writes
+    fs2 = FailingFS("none", 0)
+    with syncstore.open(store_path + "2", durability="interval", fs=fs2) as store:
+        store.deliver(msg(1), to=[1])
+    assert fs2.calls["fdatasync"] >= 1  # at the latest when closing
