@@ -31,7 +31,7 @@ import lmdb
 
 from . import _codec
 from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
-from .errors import CorruptionError, StoreFull, SyncStoreError
+from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
@@ -216,6 +216,8 @@ class State:
             ) from error
         except lmdb.DiskError as error:
             raise StoreFull(f"LMDB write failed: {error}", path=self.path) from error
+        except lmdb.Error as error:
+            raise DurabilityError(f"LMDB write failed: {error}", path=self.path) from error
 
     def purge_dedup(self, before_ms: int, batch: int) -> int:
         """Delete up to ``batch`` dedup entries first delivered before ``before_ms``; return how many."""
@@ -246,9 +248,11 @@ class State:
 
     def close(self) -> None:
         """Close the environment (syncs first when writable)."""
-        if not self.readonly:
-            self.env.sync(True)
-        self.env.close()
+        try:
+            if not self.readonly:
+                self.env.sync(True)
+        finally:
+            self.env.close()
 
     # --- verification -------------------------------------------------------------
 

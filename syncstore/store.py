@@ -12,6 +12,7 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -30,7 +31,7 @@ from ._writer import Writer
 from .errors import CorruptionError, InvalidArgument, ReadOnlyStore, StoreClosed, StoreLocked, UsedAfterFork
 from .model import MAX_U64, Delivery, Message, Messages, Page, StoredMessage, check_u64
 from .state import State, state_dir
-from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog
+from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
 __all__ = ["Store", "open", "DURABILITY_MODES"]
 
@@ -167,6 +168,9 @@ class Store:
         self._register()
         try:
             self._open_files(replica_id, map_size, segment_bytes)
+        except OSError as error:
+            self._release()
+            raise io_failure(error, "opening the store", self.path) from error
         except BaseException:
             self._release()
             raise
@@ -431,14 +435,19 @@ class Store:
         self._release()
 
     def _release(self) -> None:
+        """Close state, log and lock; each step runs even if an earlier one raised."""
         self._closed = True
-        if self._state is not None:
-            self._state.close()
-        if self._wal is not None:
-            self._wal.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        with contextlib.ExitStack() as steps:  # runs in reverse order of push
+            steps.callback(self._unregister)
+            if self._lock_fd >= 0:
+                steps.callback(os.close, self._lock_fd)  # releases the flock
+                self._lock_fd = -1
+            if self._wal is not None:
+                steps.callback(self._wal.close)
+            if self._state is not None:
+                steps.callback(self._state.close)
+
+    def _unregister(self) -> None:
         with _open_paths_lock:
             if _open_paths.get(self._registry_key, lambda: None)() is self:
                 del _open_paths[self._registry_key]

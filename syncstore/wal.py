@@ -78,6 +78,13 @@ def _frame_follows(data: bytes, start: int, min_lsn: int) -> int | None:
     return None
 
 
+def io_failure(error: OSError, what: str, path: str) -> DurabilityError:
+    """The SyncStoreError for a failed file operation: StoreFull when the disk is full."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"{what} failed: disk full ({error})", path=path)
+    return DurabilityError(f"{what} failed: {error}", path=path)
+
+
 class WriteAheadLog:
     """A directory of WAL segments; use :meth:`open`.
 
@@ -122,7 +129,11 @@ class WriteAheadLog:
         valid ones raises :class:`CorruptionError` naming file and offset.
         """
         wal = cls(directory, fs, segment_bytes, sync_writes)
-        wal._recover(next_lsn)
+        try:
+            wal._recover(next_lsn)
+        except OSError as error:
+            wal.close()
+            raise io_failure(error, "WAL recovery", directory) from error
         return wal
 
     def _recover(self, next_lsn: int) -> None:
@@ -261,13 +272,8 @@ class WriteAheadLog:
             )
 
     def _fail(self, error: OSError, what: str) -> DurabilityError:
-        path = self._segments[-1].path
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            failure: DurabilityError = StoreFull(f"{what} failed: disk full ({error})", path=path)
-        else:
-            failure = DurabilityError(f"{what} failed: {error}", path=path)
-        self._broken = failure
-        return failure
+        self._broken = io_failure(error, what, self._segments[-1].path)
+        return self._broken
 
     def append(self, data: bytes, last_lsn: int, first_lsn: int) -> None:
         """Write frames ``first_lsn .. last_lsn`` (already encoded, back to back) to the log.
@@ -317,12 +323,14 @@ class WriteAheadLog:
         """
         with self._io_lock:
             removed = []
-            while len(self._segments) > 1 and self._segments[0].last_lsn <= upto_lsn:
-                segment = self._segments.pop(0)
-                self._fs.unlink(segment.path)
-                removed.append(segment.path)
-            if removed:
-                self._fs.fsync_dir(self.directory)
+            try:
+                while len(self._segments) > 1 and self._segments[0].last_lsn <= upto_lsn:
+                    self._fs.unlink(self._segments[0].path)
+                    removed.append(self._segments.pop(0).path)
+                if removed:
+                    self._fs.fsync_dir(self.directory)
+            except OSError as error:
+                raise self._fail(error, "WAL segment retirement") from error
             return removed
 
     # --- reading ------------------------------------------------------------------
@@ -348,6 +356,9 @@ class WriteAheadLog:
         """Close the current segment file (does not sync)."""
         with self._io_lock:
             if self._fd >= 0:
-                self._fs.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                try:
+                    self._fs.close(fd)
+                except OSError:  # nothing to lose: writes were synced or are reported failed
+                    log.warning("closing WAL segment failed", exc_info=True)
 
