@@ -15,11 +15,13 @@ WAL segment file ``wal-<first LSN, 20 digits>.log``::
 
 Frame (one WAL record)::
 
-    0       4     L = length of the payload (bytes 8 .. 8+L), 9 <= L <= MAX_PAYLOAD
+    0       4     L = length of the payload (bytes 8 .. 8+L), 17 <= L <= MAX_PAYLOAD
     4       4     CRC-32C over bytes 0..4 (the length) followed by the payload
     8       8     LSN (log sequence number; dense: each frame is previous + 1)
     16      1     record type
-    17      L-9   record body
+    17      8     synced LSN: every frame up to this LSN was durable when this
+                  frame was written (tells a torn unsynced tail from corruption)
+    25      L-17  record body
 
 A zero length word marks unused (zero-filled) space: the end of the log.
 
@@ -82,8 +84,8 @@ SEGMENT_HEADER_SIZE = SEGMENT_HEADER_BODY_SIZE + CRC_SIZE
 FRAME_PREFIX_FMT = ">II"  # payload length, CRC-32C
 FRAME_PREFIX_SIZE = 8
 assert struct.calcsize(FRAME_PREFIX_FMT) == FRAME_PREFIX_SIZE
-FRAME_LEAD_FMT = ">QB"  # LSN, record type: the start of every payload
-FRAME_LEAD_SIZE = 9
+FRAME_LEAD_FMT = ">QBQ"  # LSN, record type, synced LSN: the start of every payload
+FRAME_LEAD_SIZE = 17
 assert struct.calcsize(FRAME_LEAD_FMT) == FRAME_LEAD_SIZE
 #: A frame longer than this is garbage, not a record (bodies are capped far below).
 MAX_PAYLOAD = 1 << 30
@@ -135,13 +137,14 @@ class Deliver(NamedTuple):
 
 
 class Frame(NamedTuple):
-    """A decoded frame: where it starts in its file, its LSN, type and body."""
+    """A decoded frame: where it starts and ends in its file, LSN, type, body, synced LSN."""
 
     offset: int
     end: int
     lsn: int
     rtype: int
     body: bytes
+    synced: int = 0
 
 
 # --- helpers ------------------------------------------------------------------
@@ -216,9 +219,9 @@ def decode_segment_header(data: bytes, path: str | None = None) -> int:
 # --- frames -------------------------------------------------------------------
 
 
-def encode_frame(lsn: int, rtype: int, body: bytes) -> bytes:
-    """One CRC-framed WAL record."""
-    payload = _frame_lead.pack(lsn, rtype) + body
+def encode_frame(lsn: int, rtype: int, body: bytes, synced: int = 0) -> bytes:
+    """One CRC-framed WAL record; ``synced`` is the LSN up to which the log was durable."""
+    payload = _frame_lead.pack(lsn, rtype, synced) + body
     length = _crc.pack(len(payload))
     return length + _crc.pack(crc32c(payload, crc32c(length))) + payload
 
@@ -240,8 +243,8 @@ def decode_frame(data: bytes | memoryview, offset: int) -> Frame | None:
     payload = data[start:end]
     if crc32c(payload, crc32c(data[offset : offset + 4])) != stored:
         return None
-    lsn, rtype = _frame_lead.unpack_from(payload, 0)
-    return Frame(offset, end, lsn, rtype, bytes(payload[FRAME_LEAD_SIZE:]))
+    lsn, rtype, synced = _frame_lead.unpack_from(payload, 0)
+    return Frame(offset, end, lsn, rtype, bytes(payload[FRAME_LEAD_SIZE:]), synced)
 
 
 # --- records ------------------------------------------------------------------
@@ -261,11 +264,11 @@ def encode_deliver(record: Deliver) -> bytes:
     )
 
 
-def encode_deliver_frame(lsn: int, record: Deliver) -> bytes:
-    """``encode_frame(lsn, RECORD_DELIVER, encode_deliver(record))`` in one pass (the write hot path)."""
+def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
+    """``encode_frame(lsn, RECORD_DELIVER, encode_deliver(record), synced)`` in one pass (the write hot path)."""
     payload = b"".join(
         (
-            _frame_lead.pack(lsn, RECORD_DELIVER),
+            _frame_lead.pack(lsn, RECORD_DELIVER, synced),
             _message_head.pack(
                 record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
             ),

@@ -190,7 +190,7 @@ class Writer:
         ts_ms = msg_id_ms(msg_id) if message.ts_ms is None else message.ts_ms
         record = Deliver(msg_id, sender, message.conv, client_seq, ts_ms, message.priority, message.body, pairs)
         lsn = self._next_lsn
-        self._frames.append(_codec.encode_deliver_frame(lsn, record))
+        self._frames.append(_codec.encode_deliver_frame(lsn, self._synced_lsn, record))
         self._next_lsn = lsn + 1  # only once the frame exists: an encoding error reserves nothing
         if self._flusher_idle:
             self._work.notify()

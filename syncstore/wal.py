@@ -55,24 +55,27 @@ class _Segment:
     size: int  # bytes of valid content (header + whole frames)
 
 
-def _frame_follows(data: bytes, start: int, min_lsn: int) -> int | None:
-    """Offset of a valid frame with LSN >= ``min_lsn`` somewhere after ``start``, or None.
+def _vouching_frame(data: bytes, start: int, bad_lsn: int) -> int | None:
+    """Offset of a valid frame after ``start`` that proves frame ``bad_lsn`` was durable, or None.
 
-    Used to tell a torn tail (nothing valid after the bad frame) from corruption
-    (valid frames after it).  Rather than trying every byte offset, it searches
-    for the high bytes of plausible LSNs, which every real frame carries at
-    offset 8, and verifies each hit.
+    Every frame records the LSN up to which the log was synced when it was
+    written.  A later valid frame whose synced LSN reaches ``bad_lsn`` proves
+    the bad frame had been durable: it is corruption.  Without such a frame the
+    damage lies in the unsynced tail -- a torn write, possibly with later pages
+    of the same unsynced writes surviving a power loss out of order -- and the
+    tail is truncated.  Rather than trying every byte offset, the search looks
+    for the high bytes of plausible LSNs (at offset 8 of every frame).
     """
     # Only the written part can hold a frame; without this bound, the zero bytes
     # of a preallocated tail would all match the zero high bytes of small LSNs.
     end = len(data.rstrip(b"\0"))
-    prefixes = {((min_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
+    prefixes = {((bad_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
     for prefix in prefixes:
         hit = data.find(prefix, start + FRAME_PREFIX_SIZE, end)
         while hit != -1:
             candidate = hit - FRAME_PREFIX_SIZE
             frame = _codec.decode_frame(data, candidate)
-            if frame is not None and frame.lsn >= min_lsn:
+            if frame is not None and frame.lsn > bad_lsn and frame.synced >= bad_lsn:
                 return candidate
             hit = data.find(prefix, hit + 1, end)
     return None
@@ -213,10 +216,10 @@ class WriteAheadLog:
             raise CorruptionError(f"WAL frame has a valid CRC but not the expected LSN {expected}", path=segment.path, offset=offset)
         if not is_last:
             raise CorruptionError("bad WAL frame inside a sealed segment", path=segment.path, offset=offset)
-        later = _frame_follows(data, offset, expected)
+        later = _vouching_frame(data, offset, expected)
         if later is not None:
             raise CorruptionError(
-                f"bad WAL frame followed by a valid frame at offset {later}: not a torn tail",
+                f"bad WAL frame {expected}, which the valid frame at offset {later} records as durable: not a torn tail",
                 path=segment.path,
                 offset=offset,
             )

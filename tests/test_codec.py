@@ -111,7 +111,8 @@ def test_frame_layout_matches_the_documented_format():
     assert frame[0:4] == struct.pack(">I", payload_len)
     assert frame[8:16] == bytes([1, 2, 3, 4, 5, 6, 7, 8])
     assert frame[16] == 7
-    assert frame[17:] == b"xyz"
+    assert frame[17:25] == bytes(8)  # synced LSN, 0 by default
+    assert frame[25:] == b"xyz"
     # The CRC covers the length word followed by the payload (checked with crcmod).
     assert frame[4:8] == struct.pack(">I", _crcmod_crc32c(frame[0:4] + frame[8:]))
 
@@ -184,7 +185,7 @@ def test_too_short_payload_is_rejected_even_with_a_valid_crc():
         payload = bytes(range(length))
         assert decode_frame(_frame_with_length(length, payload), 0) is None, length
     # The smallest legal payload decodes.
-    ok = _frame_with_length(FRAME_LEAD_SIZE, struct.pack(">QB", 3, 1))
+    ok = _frame_with_length(FRAME_LEAD_SIZE, struct.pack(">QBQ", 3, 1, 0))
     assert decode_frame(ok, 0) == Frame(0, len(ok), 3, 1, b"")
 
 
@@ -204,12 +205,12 @@ def test_deliver_round_trip(record):
     assert decode_deliver(body) == record
 
 
-@given(U64_EDGES, delivers())
-def test_deliver_frame_is_a_frame_of_a_deliver_record(lsn, record):
-    expected = encode_frame(lsn, RECORD_DELIVER, encode_deliver(record))
-    assert _codec.encode_deliver_frame(lsn, record) == expected
+@given(U64_EDGES, U64_EDGES, delivers())
+def test_deliver_frame_is_a_frame_of_a_deliver_record(lsn, synced, record):
+    expected = encode_frame(lsn, RECORD_DELIVER, encode_deliver(record), synced)
+    assert _codec.encode_deliver_frame(lsn, synced, record) == expected
     frame = decode_frame(expected, 0)
-    assert frame.lsn == lsn and frame.rtype == RECORD_DELIVER
+    assert frame.lsn == lsn and frame.rtype == RECORD_DELIVER and frame.synced == synced
     assert decode_deliver(frame.body) == record
 
 

@@ -34,9 +34,13 @@ def body_for(lsn: int, size: int | None = None) -> bytes:
 
 
 def append(wal, first_lsn, bodies):
-    """Append one group of frames first_lsn.. with the given bodies; return the records."""
+    """Append one group of frames first_lsn.. with the given bodies; return the records.
+
+    As the store does, each frame records that the log was synced up to the
+    previous group (first_lsn - 1).
+    """
     records = [(first_lsn + i, 1 + (first_lsn + i) % 3, body) for i, body in enumerate(bodies)]
-    wal.append(b"".join(encode_frame(*r) for r in records), records[-1][0], first_lsn)
+    wal.append(b"".join(encode_frame(*r, first_lsn - 1) for r in records), records[-1][0], first_lsn)
     return records
 
 
@@ -679,3 +683,29 @@ def test_store_removes_partial_new_segment(tmp_path):
         assert store.head(10) == 6
         assert store.deliver(Message(sender=3, conv=4, client_seq=99, body=b"z"), to=[10]).cursors == {10: 7}
     assert not os.path.exists(partial)
+
+
+def test_hole_in_the_unsynced_last_group_is_a_torn_tail_not_corruption(tmp_path):
+    """A power loss may persist later pages of the last, unsynced write and lose earlier ones.
+
+    No frame after the hole records the damaged frame as durable, so recovery
+    truncates at the hole (dropping the unsynced frames after it) and opens.
+    """
+    directory = tmp_path / "w"
+    wal = open_wal(directory)
+    append(wal, 1, [body_for(1), body_for(2)])  # synced group
+    append(wal, 3, [body_for(lsn, 400) for lsn in range(3, 9)])  # last group, never synced
+    wal.close()
+    (path,) = segment_files(directory)
+    data = read_bytes(path)
+    spans = frame_spans(data)
+    hole_start, hole_end = spans[3]  # frame 4 lost, frames 5..8 of the same write survived
+    write_bytes(path, data[:hole_start] + bytes(hole_end - hole_start) + data[hole_end:])
+    reopened = open_wal(directory)
+    assert [f.lsn for f in reopened.frames(0)] == [1, 2, 3]
+    reopened.close()
+    # The same damage in a frame a later frame vouches for is corruption.
+    write_bytes(path, data[: spans[1][0]] + bytes(spans[1][1] - spans[1][0]) + data[spans[1][1] :])
+    with pytest.raises(CorruptionError) as info:
+        open_wal(directory)
+    assert info.value.offset == spans[1][0]
