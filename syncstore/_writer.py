@@ -256,8 +256,8 @@ class Writer:
         while not self._stopping:
             self._apply_wakeup.wait(interval)
             self._apply_wakeup.clear()
-            if self.failure is not None:
-                return
+            if self.failure is not None or self._stopping:
+                return  # close() does the final apply itself; abandon() must not
             try:
                 self.apply_pending()
                 if time.monotonic() >= next_purge:

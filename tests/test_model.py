@@ -1,0 +1,237 @@
+"""Model-based test: the store against a plain-dict model, through reopens and crashes.
+
+A hypothesis state machine delivers (alone and in batches), retries earlier
+idempotency keys with other bodies and recipients, reads pages with random
+``since``/``limit``, closes and reopens, and "crashes" (``Store._abandon()``,
+which drops the store like a SIGKILL, then ``open`` recovers from the WAL).
+After every step the store's own ``check()`` must pass and every head must
+match the model.  A small user-id and client_seq space makes collisions (and
+so duplicates) frequent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import defaultdict
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import syncstore
+from syncstore import InvalidArgument, Message, StoreClosed, StoredMessage
+from syncstore._ids import msg_id_ms
+from syncstore.wal import DEFAULT_SEGMENT_BYTES
+
+USER_IDS = range(6)
+users = st.integers(0, 5)
+MAX_BODY = 16
+messages = st.builds(
+    Message,
+    sender=users,
+    conv=st.integers(0, 3),
+    client_seq=st.integers(0, 12),
+    body=st.binary(max_size=6),
+    ts_ms=st.none() | st.integers(0, 2**64 - 1),
+    priority=st.integers(0, 255),
+)
+recipient_lists = st.lists(users, min_size=1, max_size=4)  # repeats allowed: they count once
+batches = st.lists(st.tuples(messages, recipient_lists), min_size=1, max_size=6)
+limits = st.integers(1, 8) | st.just(10_000)
+# Small WAL segments make rotation and retirement frequent; the default (64 MiB) is the real thing.
+segment_sizes = st.sampled_from([4096, 16_384, 1 << 20, DEFAULT_SEGMENT_BYTES])
+
+Key = tuple[int, int]
+
+
+class FakeClock:
+    """A wall clock the machine steps, backwards too (msg_ids must stay monotonic)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class StoreMachine(RuleBasedStateMachine):
+    durability = "sync"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="syncstore-model-")
+        self.path = f"{self.dir}/store"
+        self.clock = FakeClock()
+        self.store: syncstore.Store | None = None
+        self.inbox: dict[int, list[StoredMessage]] = defaultdict(list)
+        self.first: dict[Key, tuple[int, dict[int, int]]] = {}  # key -> (msg_id, cursors) of the first delivery
+        self.last_msg_id = 0
+
+    def _open(self, segment_bytes: int) -> syncstore.Store:
+        return syncstore.open(
+            self.path, durability=self.durability, clock_ms=self.clock, max_body_bytes=MAX_BODY, segment_bytes=segment_bytes
+        )
+
+    @initialize(segment_bytes=segment_sizes)
+    def open_store(self, segment_bytes):
+        self.store = self._open(segment_bytes)
+
+    def teardown(self) -> None:
+        try:
+            if self.store is not None:
+                self.store.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- the model ---------------------------------------------------------------------
+
+    def _expect(self, message: Message, to: list[int], delivery: syncstore.Delivery) -> None:
+        """Check one Delivery against the model and apply it there."""
+        key = (message.sender, message.client_seq)
+        first = self.first.get(key)
+        if first is not None:
+            assert delivery.duplicate, f"retry of {key} was delivered again: {delivery}"
+            assert (delivery.msg_id, dict(delivery.cursors)) == first, f"retry of {key}: {delivery}, first was {first}"
+            return
+        assert not delivery.duplicate, f"first delivery of {key} reported as duplicate: {delivery}"
+        recipients = list(dict.fromkeys(to))
+        expected = {uid: len(self.inbox[uid]) + 1 for uid in recipients}
+        assert dict(delivery.cursors) == expected
+        assert list(delivery.cursors) == recipients  # in the order given, repeats dropped
+        assert delivery.msg_id > self.last_msg_id, "msg_ids must increase, across restarts and clock steps"
+        self.last_msg_id = delivery.msg_id
+        self.first[key] = (delivery.msg_id, expected)
+        ts = msg_id_ms(delivery.msg_id) if message.ts_ms is None else message.ts_ms
+        for uid, cursor in expected.items():
+            self.inbox[uid].append(
+                StoredMessage(cursor, delivery.msg_id, message.sender, message.conv, message.client_seq, ts, message.priority, message.body)
+            )
+
+    def _check_everything(self) -> None:
+        for uid in USER_IDS:
+            page = self.store.sync(uid, since=0, limit=10_000)
+            assert list(page.messages) == self.inbox[uid], f"user {uid}"
+            assert not page.has_more and page.next == len(self.inbox[uid])
+
+    # --- rules -------------------------------------------------------------------------
+
+    @rule(message=messages, to=recipient_lists)
+    def deliver(self, message, to):
+        self._expect(message, to, self.store.deliver(message, to=to))
+
+    @rule(items=batches)
+    def deliver_many(self, items):
+        results = self.store.deliver_many(items)
+        assert len(results) == len(items)
+        for (message, to), delivery in zip(items, results):
+            self._expect(message, to, delivery)
+
+    @precondition(lambda self: self.first)
+    @rule(data=st.data(), body=st.binary(max_size=6), to=recipient_lists, conv=st.integers(0, 3), batch=st.booleans())
+    def retry(self, data, body, to, conv, batch):
+        """A client retries an earlier key, here with another body and other recipients."""
+        sender, client_seq = data.draw(st.sampled_from(sorted(self.first)), label="key")
+        message = Message(sender, conv, client_seq, body)
+        if batch:
+            (delivery,) = self.store.deliver_many([(message, to)])
+        else:
+            delivery = self.store.deliver(message, to=to)
+        self._expect(message, to, delivery)
+
+    @rule(items=batches, bad=st.sampled_from(["no recipients", "negative recipient", "body too large", "not a pair"]), where=st.integers(0, 6))
+    def deliver_many_rejected(self, items, bad, where):
+        """One invalid item anywhere in a batch: InvalidArgument, and nothing is written."""
+        item: object
+        if bad == "no recipients":
+            item = (items[0][0], [])
+        elif bad == "negative recipient":
+            item = (items[0][0], [1, -1])
+        elif bad == "body too large":
+            item = (Message(1, 1, 99, b"x" * (MAX_BODY + 1)), [1])
+        else:
+            item = (items[0][0],)
+        items = list(items)
+        items.insert(min(where, len(items)), item)
+        with pytest.raises(InvalidArgument):
+            self.store.deliver_many(items)
+
+    @rule(user=users, data=st.data(), limit=limits)
+    def sync(self, user, data, limit):
+        inbox = self.inbox[user]
+        since = data.draw(st.integers(0, len(inbox) + 2), label="since")
+        page = self.store.sync(user, since=since, limit=limit)
+        expected = [m for m in inbox if m.cursor > since][:limit]
+        assert list(page.messages) == expected
+        assert page.next == (expected[-1].cursor if expected else since)
+        assert page.has_more == (page.next < len(inbox))
+
+    @rule(user=users)
+    def head(self, user):
+        assert self.store.head(user) == len(self.inbox[user])
+
+    @rule(delta=st.integers(-5_000, 5_000))
+    def step_clock(self, delta):
+        self.clock.now += delta
+
+    @rule(segment_bytes=segment_sizes)
+    def reopen(self, segment_bytes):
+        self.store.close()
+        self.store = self._open(segment_bytes)
+        self._check_everything()
+
+    @rule(segment_bytes=segment_sizes)
+    def crash(self, segment_bytes):
+        """A process crash: nothing is flushed, applied or synced; open recovers from the WAL."""
+        old = self.store
+        old._abandon()
+        with pytest.raises(StoreClosed):
+            old.head(0)
+        self.store = self._open(segment_bytes)
+        self._check_everything()
+
+    # --- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def store_checks_itself(self):
+        self.store.check()
+
+    @invariant()
+    def heads_match(self):
+        for uid in USER_IDS:
+            assert self.store.head(uid) == len(self.inbox[uid])
+
+
+def budget(max_examples: int) -> settings:
+    """``max_examples`` under the default "ci" profile; a bigger profile (SYNCSTORE_HYPOTHESIS=long) wins."""
+    profile = settings.default
+    return settings(
+        profile,
+        max_examples=max(max_examples, profile.max_examples if profile.max_examples > 100 else 0),
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+TestSyncDurability = StoreMachine.TestCase
+TestSyncDurability.settings = budget(60)
+
+
+class NoneDurabilityMachine(StoreMachine):
+    """durability="none": a process crash still keeps everything acknowledged (it reached the OS)."""
+
+    durability = "none"
+
+
+TestNoneDurability = NoneDurabilityMachine.TestCase
+TestNoneDurability.settings = budget(20)
+
+
+class IntervalDurabilityMachine(StoreMachine):
+    durability = "interval"
+
+
+TestIntervalDurability = IntervalDurabilityMachine.TestCase
+TestIntervalDurability.settings = budget(10)
