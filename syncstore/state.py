@@ -207,7 +207,8 @@ class State:
                     (self.dedup_expiry, expiry),
                 ):
                     txn.cursor(db=db).putmulti(items)
-                if records and last_id > self._meta_u64(txn, _LAST_ID):
+                stored = txn.get(_LAST_ID, db=self.meta)
+                if records and (stored is None or last_id > unpack_u64(stored)):
                     txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
                 txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
         except lmdb.MapFullError as error:
