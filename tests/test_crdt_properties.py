@@ -147,9 +147,9 @@ def test_merge_is_commutative_associative_idempotent(spec: Spec, data: st.DataOb
     assert a.merge(b.merge(c)) == a.merge(b).merge(c)
     assert a.merge(a) == a
     assert a.merge(b).merge(b) == a.merge(b)  # a merged state absorbs its inputs
-    if isinstance(a, (ORSet, CRDTMap)):  # bounded: one dot per entry and replica
-        for _, dots in a.merge(b).entries:
-            assert len({replica for (replica, _), _ in dots}) == len(dots)
+    # (No "one dot per entry and replica" bound here: a delta merged ahead of the
+    # remove that preceded it legitimately leaves two dots of one replica until the
+    # remove arrives.  Boundedness is tested over whole histories below.)
 
 
 def _is_small(delta: CRDT) -> bool:
