@@ -107,11 +107,8 @@ class Writer:
         self._backpressure()
         with self.lock:
             self._check_writable()
-            txn = self._state.env.begin()
-            try:
+            with self._state.read() as txn:
                 msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
-            finally:
-                txn.abort()
             gate = self._gate(lsn)
         self._await(gate, lsn)
         return msg_id, duplicate, pairs
@@ -130,14 +127,11 @@ class Writer:
             self._backpressure()
             with self.lock:
                 self._check_writable()
-                txn = self._state.env.begin()
-                try:
+                with self._state.read() as txn:
                     for message, recipients in items[start : start + BULK_CHUNK]:
                         msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
                         results.append((msg_id, duplicate, pairs))
                         last = max(last, lsn)
-                finally:
-                    txn.abort()
                 if start + BULK_CHUNK >= len(items):
                     gate = self._gate(last)
         self._await(gate, last)

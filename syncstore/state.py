@@ -21,11 +21,13 @@ more WAL records.  WAL segments are retired only after ``env.sync(True)``.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
+from typing import TypeVar
 
 import lmdb
 
@@ -35,6 +37,9 @@ from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
+
+log = logging.getLogger("syncstore.state")
+T = TypeVar("T")
 
 _DB_NAMES = (b"inbox", b"heads", b"dedup", b"dedup_expiry", b"meta")
 _APPLIED = b"applied_lsn"
@@ -50,12 +55,80 @@ _unpack_pair = _pair.unpack
 _unpack_head = _codec.unpack_inbox_head
 
 
+class _ResizeGate:
+    """Many short read transactions at once, or one map resize alone.
+
+    LMDB may change the map size only while this process has no transaction
+    open; reads enter the gate for the life of their transaction, and a resize
+    waits for them to drain while holding new ones back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._readers = 0
+        self._resizing = False
+
+    def enter(self) -> None:
+        with self._lock:
+            while self._resizing:
+                self._drained.wait()
+            self._readers += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._resizing and not self._readers:
+                self._drained.notify_all()
+
+    def exclusive(self, action: Callable[[], object]) -> None:
+        """Run ``action`` with no read transaction open in this process."""
+        with self._lock:
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._drained.wait()
+                action()
+            finally:
+                self._resizing = False
+                self._drained.notify_all()
+
+
+class _ReadTxn:
+    """Context manager for one gated read transaction (a class: cheaper than @contextmanager)."""
+
+    __slots__ = ("_state", "_txn")
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    def __enter__(self) -> lmdb.Transaction:
+        state = self._state
+        while True:
+            state.gate.enter()
+            try:
+                self._txn = state.env.begin(buffers=False)
+                return self._txn
+            except lmdb.MapResizedError:  # the writer process grew the map: adopt its size
+                state.gate.leave()
+                state.gate.exclusive(lambda: state.env.set_mapsize(0))
+            except BaseException:
+                state.gate.leave()
+                raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._txn.abort()
+        self._state.gate.leave()
+
+
 class State:
     """The LMDB environment holding inboxes, heads, the dedup index and metadata."""
 
-    def __init__(self, path: str, *, readonly: bool, map_size: int) -> None:
+    def __init__(self, path: str, *, readonly: bool, map_size: int, max_map_size: int | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        self.max_map_size = max_map_size
+        self.gate = _ResizeGate()
         try:
             self.env = lmdb.open(
                 path,
@@ -100,11 +173,40 @@ class State:
 
     # --- transactions -------------------------------------------------------------
 
-    @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction (keep it short: a long one pins pages)."""
-        with self.env.begin(buffers=False) as txn:
-            yield txn
+    def read(self) -> _ReadTxn:
+        """``with state.read() as txn``: a short read transaction (a long one pins pages)."""
+        return _ReadTxn(self)
+
+    def _write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``body`` in a write transaction, growing a full map and retrying.
+
+        Maps LMDB failures to the error tree: :class:`StoreFull` for a full
+        disk or a map that may not grow further, :class:`DurabilityError`
+        otherwise.  The transaction is aborted on any error.
+        """
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                self._grow_map()
+            except lmdb.DiskError as error:
+                raise StoreFull(f"LMDB write failed: {error}", path=self.path) from error
+            except lmdb.Error as error:
+                raise DurabilityError(f"LMDB write failed: {error}", path=self.path) from error
+
+    def _grow_map(self) -> None:
+        current = self.env.info()["map_size"]
+        if self.max_map_size is not None and current >= self.max_map_size:
+            raise StoreFull(
+                f"the LMDB map is full at map_size={current} bytes (max_map_size={self.max_map_size})",
+                path=self.path,
+                hint="reopen the store with a larger map_size or max_map_size; acknowledged data is safe in the WAL",
+            )
+        grown = current * 2 if self.max_map_size is None else min(current * 2, self.max_map_size)
+        # The map may only change while this process has no transaction open.
+        self.gate.exclusive(lambda: self.env.set_mapsize(grown))
+        log.info("LMDB map of %s grown from %d to %d bytes", self.path, current, grown)
 
     def _meta_u64(self, txn: lmdb.Transaction, key: bytes) -> int:
         value = txn.get(key, db=self.meta)
@@ -131,8 +233,7 @@ class State:
 
     def set_replica_id(self, replica_id: int) -> None:
         """Record the replica id (once, at creation)."""
-        with self.env.begin(write=True, db=self.meta) as txn:
-            txn.put(_REPLICA, pack_u64(replica_id))
+        self._write(lambda txn: txn.put(_REPLICA, pack_u64(replica_id), db=self.meta))
 
     # --- reads --------------------------------------------------------------------
 
@@ -177,8 +278,9 @@ class State:
     def apply(self, records: Sequence[Deliver], upto_lsn: int) -> None:
         """Apply decoded DELIVER records and set the applied LSN, in one transaction.
 
-        Raises :class:`StoreFull` if the LMDB map or the disk is full (the
-        transaction is aborted; the records stay in the WAL).
+        A full map is grown (doubling, up to ``max_map_size``) and the batch
+        retried.  Raises :class:`StoreFull` if the disk is full or the map may
+        not grow (the transaction is aborted; the records stay in the WAL).
         """
         # Encode everything first, then write each database with one putmulti
         # (a loop in C, over sorted keys for B-tree locality); a user's head is
@@ -198,49 +300,46 @@ class State:
             last_id = max(last_id, record.msg_id)
         inbox.sort()
         dedup.sort()
-        try:
-            with self.env.begin(write=True) as txn:
-                for db, items in (
-                    (self.inbox, inbox),
-                    (self.heads, sorted((pack_u64(uid), pack_u64(cursor)) for uid, cursor in heads.items())),
-                    (self.dedup, dedup),
-                    (self.dedup_expiry, expiry),
-                ):
-                    txn.cursor(db=db).putmulti(items)
-                stored = txn.get(_LAST_ID, db=self.meta)
-                if records and (stored is None or last_id > unpack_u64(stored)):
-                    txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
-                txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
-        except lmdb.MapFullError as error:
-            raise StoreFull(
-                "the LMDB map is full", path=self.path, hint="reopen the store with a larger map_size; acknowledged data is safe in the WAL"
-            ) from error
-        except lmdb.DiskError as error:
-            raise StoreFull(f"LMDB write failed: {error}", path=self.path) from error
-        except lmdb.Error as error:
-            raise DurabilityError(f"LMDB write failed: {error}", path=self.path) from error
+        batches = (
+            (self.inbox, inbox),
+            (self.heads, sorted((pack_u64(uid), pack_u64(cursor)) for uid, cursor in heads.items())),
+            (self.dedup, dedup),
+            (self.dedup_expiry, expiry),
+        )
+
+        def write(txn: lmdb.Transaction) -> None:
+            for db, items in batches:
+                txn.cursor(db=db).putmulti(items)
+            stored = txn.get(_LAST_ID, db=self.meta)
+            if records and (stored is None or last_id > unpack_u64(stored)):
+                txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
+            txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
+
+        self._write(write)
 
     def purge_dedup(self, before_ms: int, batch: int) -> int:
         """Delete up to ``batch`` dedup entries first delivered before ``before_ms``; return how many."""
+        return self._write(lambda txn: self._purge(txn, before_ms, batch))
+
+    def _purge(self, txn: lmdb.Transaction, before_ms: int, batch: int) -> int:
         removed = 0
-        with self.env.begin(write=True) as txn:
-            cursor = txn.cursor(db=self.dedup_expiry)
-            if not cursor.first():
-                return 0
-            while removed < batch:
-                key = cursor.key()
-                if not key:
-                    break
-                ms, sender, client_seq = _triple.unpack(key)
-                if ms >= before_ms:
-                    break
-                dedup_key = _pair.pack(sender, client_seq)
-                entry = txn.get(dedup_key, db=self.dedup)
-                # A key redelivered after expiry has a newer entry: keep that one.
-                if entry is not None and msg_id_ms(_codec.decode_dedup(entry)[0]) == ms:
-                    txn.delete(dedup_key, db=self.dedup)
-                cursor.delete()
-                removed += 1
+        cursor = txn.cursor(db=self.dedup_expiry)
+        if not cursor.first():
+            return 0
+        while removed < batch:
+            key = cursor.key()
+            if not key:
+                break
+            ms, sender, client_seq = _triple.unpack(key)
+            if ms >= before_ms:
+                break
+            dedup_key = _pair.pack(sender, client_seq)
+            entry = txn.get(dedup_key, db=self.dedup)
+            # A key redelivered after expiry has a newer entry: keep that one.
+            if entry is not None and msg_id_ms(_codec.decode_dedup(entry)[0]) == ms:
+                txn.delete(dedup_key, db=self.dedup)
+            cursor.delete()
+            removed += 1
         return removed
 
     def sync(self) -> None:

@@ -73,6 +73,7 @@ def open(  # noqa: A001 - the public name is the contract
     readonly: bool = False,
     replica_id: int = 0,
     map_size: int = DEFAULT_MAP_SIZE,
+    max_map_size: int | None = None,
     dedup_window_ms: int = 7 * DAY_MS,
     hot_window_ms: int = 7 * DAY_MS,
     max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -86,9 +87,12 @@ def open(  # noqa: A001 - the public name is the contract
     docs/design.md).  ``readonly=True`` opens for reading while a writer in
     another process runs; it sees what the writer has applied to LMDB (at most
     one apply interval behind).  ``replica_id`` (0..1023) must be unique per
-    replica and is fixed at creation.  ``dedup_window_ms`` (>= the hot window)
-    is how long an idempotency key is remembered.  ``clock_ms`` and ``fs`` are
-    seams for tests and simulations.
+    replica and is fixed at creation.  ``map_size`` is the initial LMDB map
+    (virtual address space; the file grows only as used); a full map doubles,
+    up to ``max_map_size`` (None: no limit; equal to ``map_size``: growth
+    disabled, and a full map raises :class:`StoreFull`).  ``dedup_window_ms``
+    (>= the hot window) is how long an idempotency key is remembered.
+    ``clock_ms`` and ``fs`` are seams for tests and simulations.
 
     Raises :class:`StoreLocked` if another writer holds the store,
     :class:`CorruptionError` if the log or state is damaged,
@@ -102,6 +106,7 @@ def open(  # noqa: A001 - the public name is the contract
         readonly=readonly,
         replica_id=replica_id,
         map_size=map_size,
+        max_map_size=max_map_size,
         dedup_window_ms=dedup_window_ms,
         hot_window_ms=hot_window_ms,
         max_body_bytes=max_body_bytes,
@@ -128,6 +133,7 @@ class Store:
         readonly: bool,
         replica_id: int,
         map_size: int,
+        max_map_size: int | None,
         dedup_window_ms: int,
         hot_window_ms: int,
         max_body_bytes: int,
@@ -139,6 +145,8 @@ class Store:
             raise InvalidArgument(f"durability must be one of {DURABILITY_MODES}, got {durability!r}", key="durability")
         _check_option_int("replica_id", replica_id, 0, MAX_REPLICA)
         _check_option_int("map_size", map_size, 1 << 20)
+        if max_map_size is not None:
+            _check_option_int("max_map_size", max_map_size, map_size)
         _check_option_int("hot_window_ms", hot_window_ms, 1)
         _check_option_int("dedup_window_ms", dedup_window_ms, hot_window_ms)
         _check_option_int("max_body_bytes", max_body_bytes, 0, 64 << 20)
@@ -167,7 +175,7 @@ class Store:
         self._writer: Writer | None = None
         self._register()
         try:
-            self._open_files(replica_id, map_size, segment_bytes)
+            self._open_files(replica_id, map_size, max_map_size, segment_bytes)
         except OSError as error:
             self._release()
             raise io_failure(error, "opening the store", self.path) from error
@@ -192,7 +200,7 @@ class Store:
             _open_paths[key] = weakref.ref(self)
         self._registry_key = key
 
-    def _open_files(self, replica_id: int, map_size: int, segment_bytes: int) -> None:
+    def _open_files(self, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int) -> None:
         if self.readonly:
             if not os.path.isdir(state_dir(self.path)):
                 raise InvalidArgument(f"no store at {self.path}", path=self.path, hint="open it once without readonly=True to create it")
@@ -201,7 +209,7 @@ class Store:
         os.makedirs(os.path.join(self.path, "wal"), exist_ok=True)
         os.makedirs(state_dir(self.path), exist_ok=True)
         self._take_lock()
-        self._state = State(state_dir(self.path), readonly=False, map_size=map_size)
+        self._state = State(state_dir(self.path), readonly=False, map_size=map_size, max_map_size=max_map_size)
         recorded = self._state.replica_id()
         if recorded is None:
             self._state.set_replica_id(replica_id)
@@ -351,12 +359,9 @@ class Store:
         # between is then seen twice (and merged), never missed.
         pending, pending_head = self._writer.pending(user, since) if self._writer else ([], 0)
         assert self._state is not None
-        txn = self._state.env.begin()
-        try:
+        with self._state.read() as txn:
             applied_head = self._state.head(txn, user)
             items: list[bytes | StoredMessage] = self._state.scan_inbox(txn, user, since, limit, applied_head)  # type: ignore[assignment]
-        finally:
-            txn.abort()
         last = unpack_inbox_head(items[-1])[0] if items else since  # type: ignore[arg-type]
         if pending and len(items) < limit:
             items.extend([m for m in pending if m.cursor > last][: limit - len(items)])
