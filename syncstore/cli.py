@@ -1,0 +1,156 @@
+"""The ``syncstore`` command: parse arguments, make one library call, return an exit code.
+
+Each subcommand is a ``_cmd_<name>(args) -> int`` registered in
+:func:`build_parser`; new command groups (``archive ...``) add a subparser
+there.  Exit codes: 0 success, 1 failure (a :class:`SyncStoreError`, or the
+demo's verification failed), 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from . import __version__
+from ._demo import DemoConfig, Progress, format_report, run_demo
+from .errors import SyncStoreError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_DEMO_HELP = """\
+Simulate an instant-messaging server on an embedded store and verify it.
+
+Thousands of users exchange 1:1 and group messages from several sender
+threads with durability="sync"; some sends are retried (and must come back as
+duplicates), clients go offline and catch up by cursor in pages of 50, and the
+store is closed and reopened half-way.  At the end every client must hold
+exactly the messages sent to it, in order, with no gaps and no duplicates, and
+store.check() must pass.  Prints a report; exits 0 only if verification passes.
+
+example:
+    syncstore demo
+    syncstore demo --users 200 --messages 2000 --threads 4 --seed 7
+    syncstore demo --path /tmp/demo-store     # keep the store afterwards
+"""
+
+
+class ProgressLine:
+    """Draws :class:`Progress` snapshots as one updating line (``\\r``) on ``stream``.
+
+    On a terminal it redraws every snapshot; otherwise (a log file, CI) at
+    most once a second, so logs stay short.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.interval = 0.0 if stream.isatty() else 1.0
+        self._width = 0
+        self._last = 0.0
+        self._phase = ""
+
+    def __call__(self, progress: Progress) -> None:
+        """Draw ``progress`` (throttled off a terminal, except on a phase change)."""
+        now = time.monotonic()
+        if progress.phase == self._phase and now - self._last < self.interval:
+            return
+        self._phase, self._last = progress.phase, now
+        if progress.unit:
+            text = f"{progress.phase:<12} {progress.done:>9,}/{progress.total:,} {progress.unit}"
+            if progress.rate:
+                text += f"  {progress.rate:>8,.0f} {progress.unit}/s"
+        else:
+            text = f"{progress.phase} ..."
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._width = max(self._width, len(text))
+
+    def close(self) -> None:
+        """Erase the line."""
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _int_at_least(low: int, high: int | None = None) -> type[int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse  # type: ignore[return-value]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(users=args.users, messages=args.messages, threads=args.threads, seed=args.seed, path=args.path)
+    line = None if args.quiet else ProgressLine(sys.stderr)
+    try:
+        result = run_demo(config, on_progress=line)
+    finally:
+        if line is not None:
+            line.close()
+    print(format_report(result))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``syncstore`` command, with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="syncstore",
+        description="syncstore: embedded WAL + LMDB storage engine for instant-messaging offline sync.",
+        epilog="example:\n    syncstore demo\n\nRun 'syncstore COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"syncstore {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="simulate an IM server on an embedded store and verify every message",
+        description=_DEMO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = DemoConfig()
+    demo.add_argument("--path", metavar="DIR", help="store directory, new or empty, kept afterwards (default: a temporary one, removed)")
+    demo.add_argument("--users", type=_int_at_least(2), default=defaults.users, metavar="N", help="number of users (default %(default)s)")
+    demo.add_argument("--messages", type=_int_at_least(1), default=defaults.messages, metavar="N", help="messages to send (default %(default)s)")
+    demo.add_argument("--threads", type=_int_at_least(1, 1024), default=defaults.threads, metavar="N", help="sender threads (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help="random seed; same seed, same workload (default %(default)s)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``syncstore`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error (already printed)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except SyncStoreError as error:
+        print(f"syncstore: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("syncstore: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
