@@ -156,29 +156,12 @@ def device_sectors_written(path: str) -> int | None:
         return None
 
 
-def tree_bytes(path: str, only: Callable[[str], bool] = lambda name: True) -> int:
-    """Total size of the files under ``path`` whose name passes ``only``."""
-    total = 0
-    for directory, _dirs, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(directory, name)) for name in files if only(name))
-    return total
-
-
 def thread_id(prefix: str) -> int | None:
     """Native id of the live thread whose name starts with ``prefix``."""
     for thread in threading.enumerate():
         if thread.name.startswith(prefix):
             return thread.native_id
     return None
-
-
-def proc_status_kb(field_name: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (e.g. ``RssAnon``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
 
 
 # --- results and ratio tables --------------------------------------------------------
