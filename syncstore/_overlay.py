@@ -15,6 +15,7 @@ called with the store's sequencing lock held.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from ._codec import Deliver, Pairs
@@ -71,14 +72,19 @@ class Overlay:
                 out.append(StoredMessage.from_record(cursor, record))
         return out, head
 
-    def take(self, upto_lsn: int) -> list[Deliver]:
-        """The records with LSN <= ``upto_lsn``, oldest first (they stay indexed until :meth:`forget`)."""
+    def take(self, upto_lsn: int, limit: int) -> tuple[list[Deliver], int]:
+        """Up to ``limit`` oldest records with LSN <= ``upto_lsn``, and the LSN of the last one (0 if none).
+
+        They stay indexed until :meth:`forget`.
+        """
         out = []
-        for lsn, record in self._records:
+        last = 0
+        for lsn, record in itertools.islice(self._records, limit):
             if lsn > upto_lsn:
                 break
             out.append(record)
-        return out
+            last = lsn
+        return out, last
 
     def forget(self, upto_lsn: int) -> None:
         """Drop the records with LSN <= ``upto_lsn``: LMDB has them now."""

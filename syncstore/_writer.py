@@ -45,6 +45,7 @@ log = logging.getLogger("syncstore.writer")
 #: applier's WAL sync is the promised fdatasync at least every 100 ms.
 APPLY_INTERVAL_S = {"sync": 0.02, "interval": 0.1, "none": 1.0}
 _APPLY_BATCH = 8_192  # wake the applier once this many records wait
+_APPLY_TXN_RECORDS = 4_096  # records per LMDB transaction (bounds its dirty pages)
 _MAX_PENDING = 65_536  # stop sequencing while this many records wait (bounded memory)
 BULK_CHUNK = 16_384  # deliver_many commits in chunks of this many messages
 _PURGE_BATCH = 1_000
@@ -265,24 +266,32 @@ class Writer:
                 return
 
     def apply_pending(self) -> None:
-        """Move acknowledged, durable records from the overlay into LMDB (one transaction)."""
+        """Move acknowledged, durable records from the overlay into LMDB.
+
+        At most :data:`_APPLY_TXN_RECORDS` per LMDB transaction: a write
+        transaction holds every page it dirties in memory, so this bounds the
+        process's memory however far behind the applier is.
+        """
         if self._durability != "sync":
             written = self._written_lsn
             self._wal.sync()  # LMDB must never get ahead of the durable WAL
             self._synced_lsn = max(self._synced_lsn, written)
         upto = self._synced_lsn
-        with self.lock:
-            records = self.overlay.take(upto)
-        if not records:
-            return
-        self._state.apply(records, upto)
-        with self.lock:
-            self.overlay.forget(upto)
-        with self._applied:
-            self._applied.notify_all()
-        if len(self._wal.segment_paths()) > 1:
+        applied = 0
+        while True:
+            with self.lock:
+                records, last = self.overlay.take(upto, _APPLY_TXN_RECORDS)
+            if not records:
+                break
+            self._state.apply(records, last)
+            with self.lock:
+                self.overlay.forget(last)
+            with self._applied:
+                self._applied.notify_all()
+            applied = last
+        if applied and len(self._wal.segment_paths()) > 1:
             self._state.sync()  # the applied LSN must be durable before its WAL goes
-            self._wal.retire(upto)
+            self._wal.retire(applied)
 
     # --- reads and checks -----------------------------------------------------------------
 

@@ -37,7 +37,7 @@ __all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
 
 log = logging.getLogger("syncstore.wal")
 
-DEFAULT_SEGMENT_BYTES = 64 << 20
+DEFAULT_SEGMENT_BYTES = 16 << 20
 _PREFIX = "wal-"
 _SUFFIX = ".log"
 
