@@ -522,3 +522,14 @@ def test_orset_size_is_bounded_by_live_elements_and_replicas_not_history() -> No
     # Frame, context of 3 replicas, entry count, 3 live str elements with one dot each.
     assert size == 12 + (4 + 3 * 16 + 4) + 4 + 3 * ((1 + 4 + len("pinned-0")) + 4 + 16)
     assert churned[0].context.vv == ((1, 33_334 + 334 + 1), (2, 33_333 + 333 + 1), (3, 33_333 + 333 + 1))
+
+
+def test_map_update_takes_the_replica_positionally_or_by_keyword():
+    positional = CRDTMap().update(7, "unread", PNCounter, lambda c: c.increment(7, 3))
+    keyword = CRDTMap().update("unread", PNCounter, lambda c: c.increment(7, 3), replica=7)
+    assert positional == keyword and positional.value == {"unread": 3}
+    assert CRDTMap().update_delta("unread", PNCounter, lambda c: c.increment(7), replica=7) == CRDTMap().update_delta(
+        7, "unread", PNCounter, lambda c: c.increment(7)
+    )
+    with pytest.raises(InvalidArgument, match="replica"):
+        CRDTMap().update("unread", PNCounter, lambda c: c.increment(7))  # no replica: no dot

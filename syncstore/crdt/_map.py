@@ -45,16 +45,29 @@ class CRDTMap(ObservedRemove):
         dots = self._entry(_check_name(name))
         return _join(dots) if dots else None
 
-    def update(self, replica: int, name: str, kind: type[T], fn: Callable[[T], T]) -> CRDTMap:
-        """Set field ``name`` to ``fn(current)`` on behalf of ``replica``.
+    def update(self, *args: Any, replica: int | None = None) -> CRDTMap:
+        """Set a field to ``fn(current)``: ``update(replica, name, kind, fn)``.
 
         ``current`` is the field's value, or ``kind()`` when absent; ``fn``
-        must return a ``kind``.  A field of another kind is refused.
+        must return a ``kind``.  A field of another kind is refused.  The
+        writing replica's id is needed because the update takes a fresh causal
+        dot (so that a later remove can observe it); it may also be passed as
+        a keyword: ``update(name, kind, fn, replica=r)``.
         """
-        return self.merge(self.update_delta(replica, name, kind, fn))
+        return self.merge(self.update_delta(*args, replica=replica))
 
-    def update_delta(self, replica: int, name: str, kind: type[T], fn: Callable[[T], T]) -> CRDTMap:
-        """The delta of :meth:`update`: the field's new value under a fresh dot."""
+    def update_delta(self, *args: Any, replica: int | None = None) -> CRDTMap:
+        """The delta of :meth:`update` (same arguments): the field's new value under a fresh dot."""
+        if replica is None and len(args) == 4:
+            replica, name, kind, fn = args
+        elif replica is not None and len(args) == 3:
+            name, kind, fn = args
+        else:
+            raise InvalidArgument(
+                "CRDTMap.update takes (replica, name, kind, fn), or (name, kind, fn, replica=...)",
+                key="replica",
+                hint="a field update takes a causal dot, which is made from the writing replica's id",
+            )
         if kind not in KINDS.values():
             raise InvalidArgument(f"kind must be one of the CRDT types, got {kind!r}", key="kind")
         current = self.get(name)
