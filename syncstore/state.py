@@ -47,6 +47,7 @@ _APPLIED = b"applied_lsn"
 _LAST_ID = b"last_msg_id"
 _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
+_NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
 STATE_FORMAT = 1
 
@@ -195,7 +196,17 @@ class State:
             except lmdb.DiskError as error:
                 raise StoreFull(f"LMDB write failed: {error}", path=self.path) from error
             except lmdb.Error as error:
+                if self._disk_nearly_full():
+                    raise StoreFull(f"LMDB write failed on a full disk: {error}", path=self.path) from error
                 raise DurabilityError(f"LMDB write failed: {error}", path=self.path) from error
+
+    def _disk_nearly_full(self) -> bool:
+        # LMDB reports a short write -- what a full disk gives -- as EIO, not ENOSPC.
+        try:
+            stats = os.statvfs(self.path)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
 
     def _grow_map(self) -> None:
         current = self.env.info()["map_size"]

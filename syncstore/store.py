@@ -256,17 +256,41 @@ class Store:
         self._lock_fd = fd
 
     def _replay(self, applied: int) -> None:
-        assert self._wal is not None
+        """Apply the WAL after ``applied`` to LMDB, checking that each record continues the state.
+
+        A CRC-valid record whose cursors do not densely continue its
+        recipients' heads cannot have been written by this store: it is
+        reported as corruption (file and offset) instead of being applied.
+        """
+        assert self._wal is not None and self._state is not None
+        wal, state = self._wal, self._state
         batch: list[Deliver] = []
+        heads: dict[int, int] = {}  # heads as of the records in this batch
         last = applied
-        for frame in self._wal.frames(applied):
-            batch.append(_decode_record(frame, self._wal))
-            last = frame.lsn
-            if len(batch) >= _REPLAY_BATCH:
-                self._state.apply(batch, last)
-                batch = []
+        txn = state.env.begin()  # no other thread runs yet; closed before every apply
+        try:
+            for frame in wal.frames(applied):
+                record = _decode_record(frame, wal)
+                for uid, cursor in record.pairs:
+                    head = heads[uid] if uid in heads else state.head(txn, uid)
+                    if cursor != head + 1:
+                        raise CorruptionError(
+                            f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",
+                            path=wal.segment_of(frame.lsn),
+                            offset=frame.offset,
+                        )
+                    heads[uid] = cursor
+                batch.append(record)
+                last = frame.lsn
+                if len(batch) >= _REPLAY_BATCH:
+                    txn.abort()
+                    state.apply(batch, last)
+                    batch, txn = [], state.env.begin()
+                    heads.clear()
+        finally:
+            txn.abort()
         if batch or last != applied:
-            self._state.apply(batch, last)
+            state.apply(batch, last)
         if last != applied:
             log.info("replayed WAL records %d..%d into %s", applied + 1, last, self.path)
 

@@ -260,6 +260,13 @@ class WriteAheadLog:
         """LSN of the oldest retained frame's slot (first LSN of the oldest segment)."""
         return self._segments[0].first_lsn
 
+    def segment_of(self, lsn: int) -> str:
+        """Path of the retained segment holding ``lsn`` (the newest if none does)."""
+        for segment in self._segments:
+            if segment.first_lsn <= lsn <= segment.last_lsn:
+                return segment.path
+        return self._segments[-1].path
+
     def segment_paths(self) -> list[str]:
         """Paths of the retained segments, oldest first."""
         return [s.path for s in self._segments]
