@@ -20,14 +20,15 @@ from _peers import SyncstoreSystem
 USERS = 1_000
 BODY = 200
 BATCH = 1_000
-FULL_COUNT = 200_000  # fits one 64 MiB segment, so nothing is retired
+FULL_COUNT = 200_000
+SEGMENT_BYTES = 256 << 20  # one segment holds them all, so nothing is retired before the replay
 
 
 def test_wal_replay_on_open(benchmark, scale, fresh_dir):
     count = sized(FULL_COUNT, scale, 2_000)
     source = fresh_dir("source")
     items = one_to_one_items(count, USERS, BODY, seed=3)
-    filled = SyncstoreSystem(source)
+    filled = SyncstoreSystem(source, segment_bytes=SEGMENT_BYTES)
     for start in range(0, count, BATCH):
         filled.deliver_batch(items[start : start + BATCH])
     filled.close()
