@@ -160,7 +160,7 @@ def pack_u64(value: int) -> bytes:
     return _u64.pack(value)
 
 
-def unpack_u64(data: bytes) -> int:
+def unpack_u64(data: bytes | memoryview) -> int:
     """Decode an unsigned 64-bit big-endian integer."""
     return _u64.unpack(data)[0]
 
@@ -178,7 +178,7 @@ def _pack_pairs(pairs: Pairs) -> bytes:
     return _pairs_struct(len(pairs)).pack(*[n for pair in pairs for n in pair])
 
 
-def _unpack_pairs(data: bytes, offset: int, count: int) -> Pairs:
+def _unpack_pairs(data: bytes | memoryview, offset: int, count: int) -> Pairs:
     flat = _pairs_struct(count).unpack_from(data, offset)
     return tuple(zip(flat[0::2], flat[1::2]))
 
@@ -290,7 +290,8 @@ def decode_deliver(body: bytes, path: str | None = None, offset: int | None = No
     blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
     if len(body) != fixed + blen + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    return Deliver(*head, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
+    msg_id, sender, conv, client_seq, ts_ms, priority = head
+    return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
 
 
 def encode_inbox_head(record: Deliver) -> bytes:
@@ -319,7 +320,7 @@ def encode_dedup(msg_id: int, pairs: Pairs) -> bytes:
     return _dedup_head.pack(msg_id, len(pairs)) + _pack_pairs(pairs)
 
 
-def decode_dedup(value: bytes) -> tuple[int, Pairs]:
+def decode_dedup(value: bytes | memoryview) -> tuple[int, Pairs]:
     """Inverse of :func:`encode_dedup`; :class:`CorruptionError` on bad lengths."""
     if len(value) < DEDUP_HEAD_SIZE:
         raise CorruptionError("dedup entry is truncated")

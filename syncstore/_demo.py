@@ -373,14 +373,14 @@ def _verify(run: _Run, store: _store.Store) -> int:
             run.fail(f"user {uid}: received {len(received)} messages, {addressed[uid]} were sent to it")
         last_seq: dict[int, int] = {}
         for position, message in enumerate(received, 1):
-            send = expected[uid].get(message.cursor)
+            entry = expected[uid].get(message.cursor)
             if message.cursor != position:
                 run.fail(f"user {uid}: message {position} has cursor {message.cursor}")
                 break
-            if send is None:
+            if entry is None:
                 run.fail(f"user {uid}: cursor {message.cursor} matches no acknowledged delivery")
                 continue
-            sent = send.message
+            sent = entry.message
             if (message.sender, message.client_seq, message.conv, message.body) != (sent.sender, sent.client_seq, sent.conv, sent.body):
                 run.fail(f"user {uid}: cursor {message.cursor} holds the wrong message")
             elif message.msg_id != by_id[(sent.sender, sent.client_seq)]:

@@ -175,8 +175,7 @@ class Writer:
         sender, client_seq = message.sender, message.client_seq
         pending = overlay.dedup(sender, client_seq)
         if pending is not None and self._clock() - msg_id_ms(pending[1]) <= self._dedup_window_ms:
-            lsn, msg_id, pairs = pending
-            return msg_id, True, pairs, lsn
+            return pending[1], True, pending[2], pending[0]
         seen = None if pending is not None else state.dedup_entry(txn, sender, client_seq)
         if seen is not None and self._clock() - msg_id_ms(seen[0]) <= self._dedup_window_ms:
             return seen[0], True, seen[1], 0

@@ -260,7 +260,7 @@ class State:
         value = txn.get(_pair.pack(sender, client_seq), db=self.dedup)
         return None if value is None else _codec.decode_dedup(value)
 
-    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int, head: int) -> list[bytes]:
+    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int, head: int) -> list[bytes | memoryview]:
         """Inbox values of ``uid`` with cursor > ``since``, ascending, at most ``limit``.
 
         ``head`` is the user's head in the same transaction.  Cursors are
@@ -278,7 +278,7 @@ class State:
         values = list(islice(cursor.iternext(keys=False, values=True), count))
         if len(values) == count and cursor.key() == _pair.pack(uid, since + count):
             return values
-        out = []
+        out: list[bytes | memoryview] = []
         cursor.set_range(_pair.pack(uid, since + 1))
         for key, value in cursor:
             if _unpack_pair(key)[0] != uid or len(out) >= limit:
