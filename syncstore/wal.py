@@ -24,12 +24,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import _codec
-from ._codec import FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
 from .errors import CorruptionError, DurabilityError, StoreFull
 
@@ -38,6 +39,7 @@ __all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
 log = logging.getLogger("syncstore.wal")
 
 DEFAULT_SEGMENT_BYTES = 16 << 20
+_LEAD = struct.Struct(FRAME_LEAD_FMT)
 _PREFIX = "wal-"
 _SUFFIX = ".log"
 
@@ -69,14 +71,21 @@ def _vouching_frame(data: bytes, start: int, bad_lsn: int) -> int | None:
     # Only the written part can hold a frame; without this bound, the zero bytes
     # of a preallocated tail would all match the zero high bytes of small LSNs.
     end = len(data.rstrip(b"\0"))
+    # A later frame's LSN can exceed bad_lsn by at most the number of frames that fit.
+    highest = bad_lsn + (end - start) // (FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE) + 1
     prefixes = {((bad_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
     for prefix in prefixes:
         hit = data.find(prefix, start + FRAME_PREFIX_SIZE, end)
         while hit != -1:
             candidate = hit - FRAME_PREFIX_SIZE
-            frame = _codec.decode_frame(data, candidate)
-            if frame is not None and frame.lsn > bad_lsn and frame.synced >= bad_lsn:
-                return candidate
+            # Cheap header checks before any CRC, so that body bytes which merely look
+            # like an LSN cost O(1) each rather than a CRC over a claimed length.
+            if candidate + FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE <= end:
+                lsn, _rtype, synced = _LEAD.unpack_from(data, candidate + FRAME_PREFIX_SIZE)
+                if bad_lsn < lsn <= highest and bad_lsn <= synced < lsn:
+                    frame = _codec.decode_frame(data, candidate)
+                    if frame is not None:
+                        return candidate
             hit = data.find(prefix, hit + 1, end)
     return None
 
@@ -84,7 +93,11 @@ def _vouching_frame(data: bytes, start: int, bad_lsn: int) -> int | None:
 def io_failure(error: OSError, what: str, path: str) -> DurabilityError:
     """The SyncStoreError for a failed file operation: StoreFull when the disk is full."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"{what} failed: disk full ({error})", path=path)
+        return StoreFull(
+            f"{what} failed: disk full ({error})",
+            path=path,
+            hint="free disk space, then close and reopen the store; acknowledged data is safe",
+        )
     return DurabilityError(f"{what} failed: {error}", path=path)
 
 
