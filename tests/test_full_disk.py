@@ -55,6 +55,7 @@ def tmpfs():
             ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "syncstore-test", directory],
             capture_output=True,
             text=True,
+            check=False,
         )
         if done.returncode != 0:
             pytest.skip(f"needs root to mount a size-limited tmpfs: mount failed: {done.stderr.strip()}")
@@ -63,8 +64,8 @@ def tmpfs():
 
     yield mount
     for directory in reversed(mounted):
-        if subprocess.run(["umount", directory], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", directory], capture_output=True)  # still busy: detach
+        if subprocess.run(["umount", directory], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", directory], capture_output=True, check=False)  # still busy: detach
 
 
 def remount(directory: str, size: str) -> None:
