@@ -494,6 +494,13 @@ class Store:
 
 
 def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Deliver:
+    """The DELIVER record in ``frame``; errors name the segment file and the frame's offset."""
+    path = wal.segment_of(frame.lsn)
     if frame.rtype != RECORD_DELIVER:
-        raise CorruptionError(f"unknown WAL record type {frame.rtype}", key=frame.lsn, hint="open it with the syncstore version that wrote it")
-    return _codec.decode_deliver(frame.body, offset=frame.offset)
+        raise CorruptionError(
+            f"unknown WAL record type {frame.rtype} (LSN {frame.lsn})",
+            path=path,
+            offset=frame.offset,
+            hint="open it with the syncstore version that wrote it",
+        )
+    return _codec.decode_deliver(frame.body, path=path, offset=frame.offset)
