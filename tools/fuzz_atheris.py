@@ -26,7 +26,8 @@ crash-<sha>``).  Without a corpus directory the harness seeds a temporary one
 with valid encodings of every kind.  Unless given, ``-timeout=60`` (a hang is
 a finding) and ``-malloc_limit_mb=512`` (so is allocating by a length word)
 are added.  Invariants are those of tests/test_fuzz.py, which runs the same
-targets under hypothesis in CI.
+targets under hypothesis in CI.  Scratch files go to ``$TMPDIR/syncstore-atheris-<pid>``
+(removed by the next run, since libFuzzer exits without returning).
 """
 
 from __future__ import annotations
@@ -69,7 +70,28 @@ with atheris.instrument_imports():
 logging.disable(logging.CRITICAL)  # recovery logs every torn tail it truncates
 
 SEGMENT = 4096
-WORK = tempfile.mkdtemp(prefix="syncstore-atheris-")
+_WORK_PREFIX = "syncstore-atheris-"
+
+
+def _work_dir() -> str:
+    """This process's scratch directory, after removing those of earlier runs that are gone.
+
+    libFuzzer ends the process with exit() once done, so no ``finally`` or atexit
+    handler of ours runs: each run's directory is named by its pid and cleaned up
+    by a later run.
+    """
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        pid = name[len(_WORK_PREFIX) :]
+        if name.startswith(_WORK_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    path = os.path.join(base, f"{_WORK_PREFIX}{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+WORK = _work_dir()
 TEMPLATE = os.path.join(WORK, "template")
 STORE = os.path.join(WORK, "store")
 
@@ -239,11 +261,8 @@ def main() -> None:
             with open(os.path.join(seed_dir, f"seed-{index:03d}"), "wb") as f:
                 f.write(seed)
         argv.append(seed_dir)
-    try:
-        atheris.Setup(argv, test_one_input)
-        atheris.Fuzz()
-    finally:
-        shutil.rmtree(WORK, ignore_errors=True)
+    atheris.Setup(argv, test_one_input)
+    atheris.Fuzz()  # never returns: libFuzzer exits the process
 
 
 if __name__ == "__main__":
