@@ -138,7 +138,13 @@ class StoreFull(DurabilityError):
 class UsedAfterFork(SyncStoreError):
     """A store opened in a parent process was used in a forked child.
 
-    LMDB environments and file locks must not cross ``fork()``.
+    LMDB environments and file locks must not cross ``fork()``: in the child
+    the inherited store only raises this error.  It cannot be reopened in the
+    same child either (py-lmdb refuses a second environment on the same files,
+    and the inherited one must never be closed).
     """
 
-    default_hint = "open the store again inside the child process (syncstore.open)"
+    default_hint = (
+        "use the store from the parent, or open it in a process started with the 'spawn' or "
+        "'forkserver' multiprocessing method (or fork before opening it)"
+    )

@@ -13,6 +13,7 @@ once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -54,9 +55,24 @@ _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 def _mark_forked() -> None:
-    for store in list(_live_stores):
-        store._forget_after_fork()
-    _open_paths.clear()
+    """``fork()`` child side: mark every inherited store unusable, and do nothing else.
+
+    No lock is taken (another parent thread may have held it at the fork, and
+    that thread does not exist here) and no LMDB call is made: LMDB forbids any
+    use of an environment after fork, ``close`` included -- closing, or
+    deallocating, the inherited environment aborts the inherited read
+    transactions, which frees the *parent's* reader slots in the shared lock
+    file and lets the parent read recycled pages.  So each inherited store is
+    given one reference that is never dropped (not even at interpreter exit),
+    and only raw descriptors are closed (a ``flock`` held through the parent's
+    descriptor stays held).
+    """
+    global _open_paths_lock
+    _open_paths_lock = threading.Lock()  # the parent's may be held by a thread that is gone
+    for store in list(_live_stores.data):  # the WeakSet's raw refs: iterating it may take no lock
+        store = store()
+        if store is not None:
+            store._forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_mark_forked)
@@ -190,6 +206,14 @@ class Store:
         key = os.path.realpath(self.path)
         with _open_paths_lock:
             other = _open_paths.get(key)
+            if other is not None and other() is not None and other()._forked and not other()._closed:  # type: ignore[union-attr]
+                raise UsedAfterFork(
+                    "the store was open in the parent when this process forked, so it cannot be opened again here",
+                    path=self.path,
+                    hint="py-lmdb refuses a second environment on the same files in one process, and the inherited one "
+                    "must never be closed; open the store in a process started with the 'spawn' or 'forkserver' "
+                    "multiprocessing method, or fork before opening it",
+                )
             if other is not None and other() is not None and not other()._closed:  # type: ignore[union-attr]
                 raise StoreLocked(
                     "the store is already open in this process",
@@ -433,22 +457,14 @@ class Store:
             self._release()
 
     def _forget_after_fork(self) -> None:
-        """In a forked child: disown the parent's store so the child can open its own.
-
-        Closes only this process's copies of the LMDB environment and file
-        descriptors (the parent keeps its own; flock and LMDB reader slots
-        belong to the parent), and makes every method raise UsedAfterFork.
-        """
+        """In a forked child: make every method raise UsedAfterFork; see :func:`_mark_forked`."""
         self._forked = True
-        for close in (self._state.env.close if self._state else None, self._wal.close if self._wal else None):
-            if close is not None:
-                try:
-                    close()
-                except Exception:  # best effort in a child; the parent is what matters
-                    pass
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))  # never deallocated: see _mark_forked
+        for fd in (self._lock_fd, self._wal.fileno if self._wal is not None else -1):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock_fd = -1
 
     def _abandon(self) -> None:
         """Test seam: drop the store as a killed process would (no flush, no apply, no sync).

@@ -280,6 +280,11 @@ class WriteAheadLog:
                 return segment.path
         return self._segments[-1].path
 
+    @property
+    def fileno(self) -> int:
+        """Descriptor of the segment being appended to (-1 if none); for the fork handler."""
+        return self._fd
+
     def segment_paths(self) -> list[str]:
         """Paths of the retained segments, oldest first."""
         return [s.path for s in self._segments]
