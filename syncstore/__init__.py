@@ -13,6 +13,7 @@ from .errors import (
     CorruptionError,
     DurabilityError,
     InvalidArgument,
+    ReadersFull,
     ReadOnlyStore,
     StoreClosed,
     StoreFull,
@@ -41,6 +42,7 @@ __all__ = [
     "CorruptionError",
     "DurabilityError",
     "StoreFull",
+    "ReadersFull",
     "UsedAfterFork",
 ]
 

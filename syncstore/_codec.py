@@ -87,6 +87,7 @@ assert struct.calcsize(FRAME_PREFIX_FMT) == FRAME_PREFIX_SIZE
 FRAME_LEAD_FMT = ">QBQ"  # LSN, record type, synced LSN: the start of every payload
 FRAME_LEAD_SIZE = 17
 assert struct.calcsize(FRAME_LEAD_FMT) == FRAME_LEAD_SIZE
+_SYNCED_OFFSET = 9  # of the synced LSN within the payload (after LSN and record type)
 #: A frame longer than this is garbage, not a record (bodies are capped far below).
 MAX_PAYLOAD = 1 << 30
 
@@ -264,11 +265,19 @@ def encode_deliver(record: Deliver) -> bytes:
     )
 
 
-def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
-    """``encode_frame(lsn, RECORD_DELIVER, encode_deliver(record), synced)`` in one pass (the write hot path)."""
+def encode_deliver_unsealed(lsn: int, record: Deliver) -> bytes:
+    """A DELIVER frame for ``lsn`` whose synced LSN and CRC are still zero (the write hot path).
+
+    The group-commit flusher fills both in with :func:`seal_frames` when it
+    writes the frame: only then is it known up to which LSN the log is
+    durable, and that evidence must be what the frame records (a frame stamped
+    when it was sequenced could under-report it, and recovery would then take
+    damage in an acknowledged frame for a torn tail).  An unsealed frame fails
+    its CRC, so it can never be mistaken for a written one.
+    """
     payload = b"".join(
         (
-            _frame_lead.pack(lsn, RECORD_DELIVER, synced),
+            _frame_lead.pack(lsn, RECORD_DELIVER, 0),
             _message_head.pack(
                 record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
             ),
@@ -277,8 +286,31 @@ def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
             _pack_pairs(record.pairs),
         )
     )
-    length = _crc.pack(len(payload))
-    return length + _crc.pack(crc32c(payload, crc32c(length))) + payload
+    return _frame_prefix.pack(len(payload), 0) + payload
+
+
+def seal_frames(frames: bytearray, synced: int) -> None:
+    """Stamp ``synced`` into every frame of ``frames`` (back to back) and compute their CRCs, in place."""
+    offset, end = 0, len(frames)
+    view = memoryview(frames)
+    try:
+        while offset < end:
+            (length,) = _crc.unpack_from(frames, offset)
+            start = offset + FRAME_PREFIX_SIZE
+            _u64.pack_into(frames, start + _SYNCED_OFFSET, synced)
+            _crc.pack_into(frames, offset + 4, crc32c(view[start : start + length], crc32c(view[offset : offset + 4])))
+            offset = start + length
+    finally:
+        view.release()
+    if offset != end:
+        raise ValueError(f"frames end at {offset}, not at {end}: not a sequence of whole frames")
+
+
+def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
+    """``encode_frame(lsn, RECORD_DELIVER, encode_deliver(record), synced)``: a complete, sealed frame."""
+    frame = bytearray(encode_deliver_unsealed(lsn, record))
+    seal_frames(frame, synced)
+    return bytes(frame)
 
 
 def decode_deliver(body: bytes, path: str | None = None, offset: int | None = None) -> Deliver:

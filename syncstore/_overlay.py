@@ -102,6 +102,29 @@ class Overlay:
             if pending is not None and pending[0] == lsn:
                 del self._dedup[key]
 
+    def rollback(self, after_lsn: int) -> int:
+        """Drop the newest records, those with LSN > ``after_lsn`` (their write failed); return how many.
+
+        Sound only because no reader was shown them (only durable records are
+        visible) and no caller was acknowledged: their cursors may be reused.
+        """
+        records, inbox = self._records, self._inbox
+        dropped = 0
+        while records and records[-1][0] > after_lsn:
+            lsn, record = records.pop()
+            for uid, _cursor in record.pairs:
+                entries = inbox.get(uid)
+                if entries and entries[-1][1] == lsn:
+                    del entries[-1]
+                    if not entries:
+                        del inbox[uid]
+            key = (record.sender, record.client_seq)
+            pending = self._dedup.get(key)
+            if pending is not None and pending[0] == lsn:
+                del self._dedup[key]
+            dropped += 1
+        return dropped
+
     def check_continues(self, heads: dict[int, int], applied_lsn: int) -> str | None:
         """Describe the first user whose pending cursors do not densely continue ``heads``, else None.
 

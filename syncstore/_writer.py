@@ -1,21 +1,36 @@
-"""The write side of an open store: sequencing, group commit and the LMDB applier.
+"""The write side of an open store: sequencing, group commit, the sync timer and the LMDB applier.
 
 1. Under the *sequencing lock*, :meth:`Writer.deliver` looks the idempotency
    key up (overlay, then LMDB), assigns the msg_id and each recipient's next
-   cursor, encodes one WAL frame and indexes the record in the overlay.  No
-   I/O but LMDB reads, so the lock is held for microseconds; LSN order, cursor
-   order and WAL order are one and the same.
-2. The caller then blocks on its own *gate* (a held lock).  The *flusher*
-   thread takes every frame sequenced so far, writes them with one ``pwrite``
-   (O_DSYNC in "sync" mode: durable on return), and releases the gates of
-   exactly the LSNs it acknowledged.  Frames sequenced meanwhile form the next
-   group.
-3. The *applier* thread moves acknowledged, durable records from the overlay
-   into LMDB in large batches, so LMDB's own fsync is paid per batch, not per
-   group; it also purges expired dedup entries and retires WAL segments.
+   cursor, encodes one WAL frame (unsealed) and indexes the record in the
+   overlay.  No I/O but LMDB reads, so the lock is held for microseconds; LSN
+   order, cursor order and WAL order are one and the same.
+2. The caller then blocks on its own *waiter* (a held lock).  The *flusher*
+   thread takes every frame sequenced so far, seals them -- stamping the LSN
+   up to which the log is durable at that moment, the evidence recovery uses
+   to tell a torn tail from damage in acknowledged frames -- writes them with
+   one ``pwrite`` (O_DSYNC in "sync" mode: durable on return), and releases
+   the waiters of exactly the LSNs it acknowledged.  In "interval" and "none"
+   mode the same thread ``fdatasync``s on its own timer: at most
+   :data:`SYNC_INTERVAL_S` after a write first left the log unsynced, under
+   any load.
+3. The *applier* thread moves durable records from the overlay into LMDB in
+   large batches, so LMDB's own fsync is paid per batch, not per group; it
+   also purges expired dedup entries, clears stale reader slots and retires
+   WAL segments.
 
-After a failed write or sync the writer is *failed*: waiting callers get the
-error, later writes are refused until the store is reopened, reads go on.
+**Visibility** (Kafka's high watermark): readers see only records whose WAL
+frames are durable (:attr:`Writer.synced_lsn`).  In "interval"/"none" mode an
+acknowledgement may be lost by a power cut, but a cursor any reader saw never
+is, so it is never handed out again.
+
+**Failures.**  A write that finds the disk full is rolled back -- its records
+leave the overlay, their LSNs and cursors are reused -- and its callers get
+:class:`StoreFull`; so do writes while LMDB cannot take the applied records
+for lack of space, each of which first re-probes.  The store resumes by itself
+once space is back.  Any other failed write or sync leaves the writer
+*failed*: waiting callers get the error, later writes are refused until the
+store is reopened, reads go on.
 """
 
 from __future__ import annotations
@@ -34,25 +49,40 @@ from . import _codec
 from ._codec import Deliver, Pairs
 from ._ids import MessageIds, msg_id_ms
 from ._overlay import Overlay
-from .errors import CorruptionError, DurabilityError, StoreClosed, SyncStoreError
+from .errors import CorruptionError, DurabilityError, StoreClosed, StoreFull, SyncStoreError
 from .model import Message, StoredMessage
 from .state import State
 from .wal import WriteAheadLog
 
 log = logging.getLogger("syncstore.writer")
 
-#: Seconds between applier passes per durability mode.  In "interval" mode the
-#: applier's WAL sync is the promised fdatasync at least every 100 ms.
+#: Seconds between applier passes per durability mode.
 APPLY_INTERVAL_S = {"sync": 0.02, "interval": 0.1, "none": 1.0}
+#: Longest time a written WAL frame stays unsynced, per durability mode ("sync":
+#: every write is durable before it is acknowledged).
+SYNC_INTERVAL_S = {"sync": 0.0, "interval": 0.1, "none": 1.0}
 _APPLY_BATCH = 8_192  # wake the applier once this many records wait
 _APPLY_TXN_RECORDS = 4_096  # records per LMDB transaction (bounds its dirty pages)
 _MAX_PENDING = 65_536  # stop sequencing while this many records wait (bounded memory)
 BULK_CHUNK = 16_384  # deliver_many commits in chunks of this many messages
 _PURGE_BATCH = 1_000
+_READER_CHECK_S = 10.0  # clear reader slots of dead processes this often
 _ALL = 2**64
+_monotonic = time.monotonic  # the sync timer's clock; a seam: tests substitute their own
 
 #: What sequencing a message yields: (msg_id, duplicate, pairs).
 Sequenced = tuple[int, bool, Pairs]
+
+
+class _Waiter:
+    """A caller blocked until its LSN is acknowledged: a held lock, and the error if it never is."""
+
+    __slots__ = ("lock", "error")
+
+    def __init__(self) -> None:
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+        self.error: SyncStoreError | None = None
 
 
 class Writer:
@@ -68,6 +98,7 @@ class Writer:
         durability: str,
         clock_ms: Callable[[], int],
         dedup_window_ms: int,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self._path = path
         self._state = state
@@ -75,24 +106,34 @@ class Writer:
         self._ids = ids
         self._durability = durability
         self._clock = clock_ms
+        self._monotonic = monotonic or _monotonic
         self._dedup_window_ms = dedup_window_ms
         end = wal.end_lsn
         self._next_lsn = end + 1
-        self._written_lsn = self._synced_lsn = self.acked_lsn = end
+        # written: reached the OS; synced: durable (the high watermark: what readers
+        # see); acked: what callers were told is done (written, or synced in "sync" mode).
+        self._written_lsn = self.synced_lsn = self.acked_lsn = end
+        self._sync_interval = SYNC_INTERVAL_S[durability]
+        self._unsynced_since: float | None = None  # when the oldest unsynced write happened
+        self._sync_requested = False
         self._stopping = False
+        self._stopped = False  # the threads are gone
         self.failure: SyncStoreError | None = None
+        self._apply_full: StoreFull | None = None  # LMDB refused the last apply for lack of space
         self.overlay = Overlay()
         self.lock = threading.Lock()  # sequencing: dedup, ids, cursors, frames, overlay
+        self._apply_lock = threading.Lock()  # one apply at a time (applier thread or a re-probing writer)
         self._frames: list[bytes] = []
-        # Callers waiting for their LSN: a heap of (lsn, tiebreak, held lock).  The
+        # Callers waiting for their LSN: a heap of (lsn, tiebreak, waiter).  The
         # flusher releases exactly the ones it acknowledged: a notify_all would wake
         # every waiter each round, and in CPython each needless wake-up is a GIL
         # hand-off (8-thread throughput rose ~50 % with this).
-        self._waiters: list[tuple[int, int, _thread.LockType]] = []
+        self._waiters: list[tuple[int, int, _Waiter]] = []
         self._tiebreak = itertools.count()
         self._work = threading.Condition(self.lock)  # wakes the idle flusher
         self._flusher_idle = False
         self._applied = threading.Condition()  # applier progress, for back-pressure
+        self._synced = threading.Condition(self.lock)  # the high watermark moved
         self._apply_wakeup = threading.Event()
         self._threads = [
             threading.Thread(target=self._flush_loop, name=f"syncstore-flusher:{path}", daemon=True),
@@ -110,8 +151,8 @@ class Writer:
             self._check_writable()
             with self._state.read() as txn:
                 msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
-            gate = self._gate(lsn)
-        self._await(gate, lsn)
+            waiter = self._gate(lsn)
+        self._await(waiter)
         return msg_id, duplicate, pairs
 
     def deliver_many(self, items: Sequence[tuple[Message, tuple[int, ...]]]) -> list[Sequenced]:
@@ -119,11 +160,13 @@ class Writer:
 
         The lock is released every :data:`BULK_CHUNK` messages so the flusher
         can write (and the applier apply) one chunk while the next is
-        sequenced; back-pressure between chunks bounds the memory used.
+        sequenced; back-pressure between chunks bounds the memory used.  If a
+        chunk's write fails, earlier chunks may have been acknowledged: a
+        retry of the whole batch finds those as duplicates.
         """
         results: list[Sequenced] = []
         last = 0
-        gate = None
+        waiter = None
         for start in range(0, len(items), BULK_CHUNK):
             self._backpressure()
             with self.lock:
@@ -134,11 +177,12 @@ class Writer:
                         results.append((msg_id, duplicate, pairs))
                         last = max(last, lsn)
                 if start + BULK_CHUNK >= len(items):
-                    gate = self._gate(last)
-        self._await(gate, last)
+                    waiter = self._gate(last)
+        self._await(waiter)
         return results
 
     def _check_writable(self) -> None:
+        """Raise if no new write may be sequenced.  Sequencing lock held."""
         if self._stopping:
             raise StoreClosed("the store is closed", path=self._path)
         if self.failure is not None:
@@ -154,16 +198,47 @@ class Writer:
             self.failure = error
             log.error("store %s stops accepting writes: %s", self._path, error)
         with self.lock:
-            self._release_waiters(_ALL)
+            self._release_waiters(_ALL, self._failure_copy())
+            self._synced.notify_all()
         with self._applied:
             self._applied.notify_all()
 
     def _backpressure(self) -> None:
+        """Before sequencing: wait while too many records await the applier; re-probe a full LMDB disk."""
+        if self._apply_full is not None:
+            self._reprobe_apply()
         if len(self.overlay) < _MAX_PENDING:
             return
+        with self.lock:  # the applier needs durable records: don't make it wait for the timer
+            self._sync_requested = True
+            if self._flusher_idle:
+                self._work.notify()
         self._apply_wakeup.set()
         with self._applied:
-            self._applied.wait_for(lambda: len(self.overlay) < _MAX_PENDING or self.failure is not None or self._stopping)
+            self._applied.wait_for(
+                lambda: len(self.overlay) < _MAX_PENDING or self.failure is not None or self._stopping or self._apply_full is not None
+            )
+        if self._apply_full is not None and len(self.overlay) >= _MAX_PENDING:
+            raise self._apply_full_copy()
+
+    def _reprobe_apply(self) -> None:
+        """LMDB refused the last apply for lack of space: try again now, from this thread."""
+        with self._apply_lock:
+            if self._apply_full is None or self.failure is not None or self._stopping:
+                return
+            try:
+                self._apply_unlocked()
+            except StoreFull as error:
+                self._apply_full = error
+                raise self._apply_full_copy() from error
+            except SyncStoreError as error:
+                self._fail(error)
+                raise self._failure_copy() from error
+
+    def _apply_full_copy(self) -> StoreFull:
+        full = self._apply_full
+        assert full is not None
+        return StoreFull(f"the LMDB state has no room for acknowledged writes: {full.message}", path=full.path, hint=full.hint)
 
     def _sequence(self, txn: lmdb.Transaction, message: Message, recipients: tuple[int, ...]) -> tuple[int, bool, Pairs, int]:
         """Dedup, assign ids and cursors, frame the record; return (msg_id, duplicate, pairs, lsn).
@@ -184,7 +259,7 @@ class Writer:
         ts_ms = msg_id_ms(msg_id) if message.ts_ms is None else message.ts_ms
         record = Deliver(msg_id, sender, message.conv, client_seq, ts_ms, message.priority, message.body, pairs)
         lsn = self._next_lsn
-        self._frames.append(_codec.encode_deliver_frame(lsn, self._synced_lsn, record))
+        self._frames.append(_codec.encode_deliver_unsealed(lsn, record))  # sealed by the flusher
         self._next_lsn = lsn + 1  # only once the frame exists: an encoding error reserves nothing
         if self._flusher_idle:
             self._work.notify()
@@ -195,68 +270,141 @@ class Writer:
 
     # --- group commit ---------------------------------------------------------------
 
-    def _gate(self, lsn: int) -> _thread.LockType | None:
-        """A held lock the flusher releases once ``lsn`` is acknowledged (None if it is).  Sequencing lock held."""
+    def _gate(self, lsn: int) -> _Waiter | None:
+        """A waiter the flusher releases once ``lsn`` is acknowledged (None if it is).  Sequencing lock held."""
         if lsn <= self.acked_lsn:
             return None
-        gate = _thread.allocate_lock()
-        gate.acquire()
-        heapq.heappush(self._waiters, (lsn, next(self._tiebreak), gate))
-        return gate
+        if self.failure is not None:  # the flusher is gone: nobody would release it
+            raise self._failure_copy()
+        waiter = _Waiter()
+        heapq.heappush(self._waiters, (lsn, next(self._tiebreak), waiter))
+        return waiter
 
-    def _await(self, gate: _thread.LockType | None, lsn: int) -> None:
-        """Block on ``gate`` until ``lsn`` is acknowledged; raise if the writer failed or stopped first."""
-        if gate is None:
+    @staticmethod
+    def _await(waiter: _Waiter | None) -> None:
+        """Block until the waiter is released; raise its error if its LSN was not acknowledged."""
+        if waiter is None:
             return
-        gate.acquire()
-        if lsn > self.acked_lsn:
-            raise self._failure_copy() if self.failure is not None else StoreClosed("the store was closed", path=self._path)
+        waiter.lock.acquire()
+        if waiter.error is not None:
+            raise waiter.error
 
-    def _release_waiters(self, upto_lsn: int) -> None:
-        """Wake every caller waiting for an LSN <= ``upto_lsn``.  Sequencing lock held."""
+    def _release_waiters(self, upto_lsn: int, error: SyncStoreError | None = None) -> None:
+        """Wake every caller waiting for an LSN <= ``upto_lsn``, with ``error`` if given.  Sequencing lock held."""
         waiters = self._waiters
         while waiters and waiters[0][0] <= upto_lsn:
-            heapq.heappop(waiters)[2].release()
+            waiter = heapq.heappop(waiters)[2]
+            waiter.error = error
+            waiter.lock.release()
+
+    def _sync_due(self) -> bool:
+        """Whether the flusher must fdatasync now ("interval"/"none" mode).  Sequencing lock held."""
+        if self._unsynced_since is None:
+            return False
+        return self._sync_requested or self._stopping or self._monotonic() - self._unsynced_since >= self._sync_interval
+
+    def _sync_wait(self) -> float | None:
+        """How long the idle flusher may sleep before a sync falls due (None: until woken)."""
+        if self._unsynced_since is None:
+            return None
+        return max(0.0, self._unsynced_since + self._sync_interval - self._monotonic())
 
     def _flush_loop(self) -> None:
-        """Write (and sync) every frame sequenced so far, back to back, until stopped."""
+        """Write (and sync) every frame sequenced so far, back to back, until stopped and drained."""
+        sync_mode = self._durability == "sync"
         while True:
             with self.lock:
                 self._release_waiters(self.acked_lsn)
-                while not self._frames and not self._stopping:
+                while not self._frames and not self._stopping and not self._sync_due():
                     self._flusher_idle = True
-                    self._work.wait()
+                    self._work.wait(self._sync_wait())
                 self._flusher_idle = False
                 frames, self._frames = self._frames, []
                 last = self._next_lsn - 1
-            if not frames and self._stopping:
-                return
+                if not frames and not self._sync_due():  # stopping, and nothing left to write or sync
+                    return
             try:
-                self._wal.append(b"".join(frames), last, self._written_lsn + 1)
-                self._written_lsn = last
-                if self._durability == "sync":
-                    self._wal.sync()  # a no-op after an O_DSYNC append; kept for clarity
-                    self._synced_lsn = last
+                if frames:
+                    data = bytearray().join(frames)
+                    _codec.seal_frames(data, self.synced_lsn)  # the durable prefix as of this write
+                    self._wal.append(data, last, self._written_lsn + 1)
+                    self._written_lsn = last
+                    if sync_mode:
+                        self.synced_lsn = last  # O_DSYNC: durable on return
+                    elif self._unsynced_since is None:
+                        self._unsynced_since = self._monotonic()
+                with self.lock:
+                    due = self._sync_due()
+                if due:
+                    written = self._written_lsn
+                    self._wal.sync()
+                    with self.lock:
+                        self.synced_lsn = written
+                        self._unsynced_since = None
+                        self._sync_requested = False
+                        self._synced.notify_all()
+            except StoreFull as error:
+                self._roll_back(error)
+                continue
             except SyncStoreError as error:
                 self._fail(error)
                 return
-            self.acked_lsn = last
+            self.acked_lsn = self._written_lsn
+
+    def flush(self) -> None:
+        """Wait until every write acknowledged so far is durable (and so visible to readers).
+
+        In "sync" mode that is already true; otherwise the flusher syncs now
+        instead of at its timer.  Raises the writer's failure if the sync fails.
+        """
+        with self.lock:
+            target = self.acked_lsn
+            while self.synced_lsn < target:
+                if self.failure is not None:
+                    raise self._failure_copy()
+                if self._stopped:
+                    raise StoreClosed("the store was closed", path=self._path)
+                self._sync_requested = True
+                self._work.notify()
+                self._synced.wait()
+
+    def _roll_back(self, error: StoreFull) -> None:
+        """A write found the disk full: forget every record not written, and tell their callers."""
+        with self.lock:
+            dropped = self.overlay.rollback(self._written_lsn)
+            self._frames = []
+            self._next_lsn = self._written_lsn + 1
+            # Acknowledged waiters first (they succeeded); every one left waits for a dropped LSN.
+            self._release_waiters(self.acked_lsn)
+            self._release_waiters(_ALL, StoreFull(error.message, path=error.path, hint=error.hint))
+        log.warning("store %s: %d unwritten records dropped, their callers told: %s", self._path, dropped, error)
 
     # --- applier ----------------------------------------------------------------------
 
     def _apply_loop(self) -> None:
         interval = APPLY_INTERVAL_S[self._durability]
-        next_purge = 0.0
+        next_purge = next_reader_check = 0.0
         while not self._stopping:
             self._apply_wakeup.wait(interval)
             self._apply_wakeup.clear()
             if self.failure is not None or self._stopping:
                 return  # close() does the final apply itself; abandon() must not
             try:
-                self.apply_pending()
-                if time.monotonic() >= next_purge:
-                    removed = self._state.purge_dedup(self._clock() - self._dedup_window_ms, _PURGE_BATCH)
-                    next_purge = 0.0 if removed == _PURGE_BATCH else time.monotonic() + 1.0
+                with self._apply_lock:
+                    self._apply_unlocked()
+                    now = time.monotonic()
+                    if now >= next_purge:
+                        removed = self._state.purge_dedup(self._clock() - self._dedup_window_ms, _PURGE_BATCH)
+                        next_purge = 0.0 if removed == _PURGE_BATCH else now + 1.0
+                    if now >= next_reader_check:
+                        self._state.clear_stale_readers()
+                        next_reader_check = now + _READER_CHECK_S
+            except StoreFull as error:  # transient: the records stay in the overlay, durable in the WAL
+                if self._apply_full is None:
+                    log.warning("store %s: LMDB has no room to apply acknowledged writes; retrying: %s", self._path, error)
+                self._apply_full = error
+                with self._applied:
+                    self._applied.notify_all()
             except SyncStoreError as error:
                 self._fail(error)
                 return
@@ -265,17 +413,19 @@ class Writer:
                 return
 
     def apply_pending(self) -> None:
-        """Move acknowledged, durable records from the overlay into LMDB.
+        """Move durable records from the overlay into LMDB (see :meth:`_apply_unlocked`)."""
+        with self._apply_lock:
+            self._apply_unlocked()
+
+    def _apply_unlocked(self) -> None:
+        """Move durable records from the overlay into LMDB.  Apply lock held.
 
         At most :data:`_APPLY_TXN_RECORDS` per LMDB transaction: a write
         transaction holds every page it dirties in memory, so this bounds the
-        process's memory however far behind the applier is.
+        process's memory however far behind the applier is.  LMDB must never
+        get ahead of the durable WAL, so only records up to the synced LSN go.
         """
-        if self._durability != "sync":
-            written = self._written_lsn
-            self._wal.sync()  # LMDB must never get ahead of the durable WAL
-            self._synced_lsn = max(self._synced_lsn, written)
-        upto = self._synced_lsn
+        upto = self.synced_lsn
         applied = 0
         while True:
             with self.lock:
@@ -288,6 +438,9 @@ class Writer:
             with self._applied:
                 self._applied.notify_all()
             applied = last
+        if self._apply_full is not None:
+            log.warning("store %s: LMDB accepts writes again", self._path)
+            self._apply_full = None
         if applied and len(self._wal.segment_paths()) > 1:
             self._state.sync()  # the applied LSN must be durable before its WAL goes
             self._wal.retire(applied)
@@ -295,11 +448,11 @@ class Writer:
     # --- reads and checks -----------------------------------------------------------------
 
     def pending(self, user: int, since: int) -> tuple[list[StoredMessage], int]:
-        """Acknowledged, not yet applied messages of ``user`` after ``since``, and their head (0 if none)."""
+        """Durable, not yet applied messages of ``user`` after ``since``, and their head (0 if none)."""
         if not len(self.overlay):
             return [], 0
         with self.lock:
-            return self.overlay.visible(user, since, self.acked_lsn)
+            return self.overlay.visible(user, since, self.synced_lsn)
 
     def check(self) -> dict[str, int]:
         """Verify the LMDB state, and that the unapplied records densely continue it.
@@ -321,34 +474,48 @@ class Writer:
     # --- stopping ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Acknowledge everything sequenced, stop the threads, apply the rest.
+        """Refuse new writes, acknowledge (and sync) everything sequenced, stop the threads, apply the rest.
 
-        Raises the failure if the final flush fails; the threads are stopped
-        either way.
+        Every delivery sequenced before ``close`` is acknowledged normally;
+        later ones raise :class:`StoreClosed`.  Raises the failure if the final
+        flush fails; the threads are stopped either way.
         """
+        with self.lock:
+            self._stopping = True
+            waiter = None if self.failure is not None else self._gate(self._next_lsn - 1)
+            self._work.notify()
+        with self._applied:  # callers held back by back-pressure now see _stopping
+            self._applied.notify_all()
         try:
-            if self.failure is None:
-                with self.lock:
-                    gate = self._gate(self._next_lsn - 1)
-                self._await(gate, self._next_lsn - 1)
+            try:
+                self._await(waiter)
+            except StoreFull:
+                pass  # the last writes found the disk full; their callers were told
         finally:
             self._stop()
             if self.failure is None:
-                self.apply_pending()
+                try:
+                    self.apply_pending()
+                except StoreFull as error:  # the WAL keeps them: the next open applies them
+                    log.warning("store %s closed with %d records not applied to LMDB: %s", self._path, len(self.overlay), error)
 
     def abandon(self) -> None:
         """Stop as a killed process would: drop unwritten frames, apply nothing."""
         with self.lock:
             self._frames = []
+            self._unsynced_since = None  # and no final sync on the way out
         self._stop()
 
     def _stop(self) -> None:
         with self.lock:
             self._stopping = True
             self._work.notify()
-            self._release_waiters(_ALL)
+            self._release_waiters(_ALL, StoreClosed("the store was closed", path=self._path))
         self._apply_wakeup.set()
         with self._applied:
             self._applied.notify_all()
         for thread in self._threads:
             thread.join()
+        with self.lock:
+            self._stopped = True
+            self._synced.notify_all()

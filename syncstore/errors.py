@@ -20,6 +20,7 @@ __all__ = [
     "CorruptionError",
     "DurabilityError",
     "StoreFull",
+    "ReadersFull",
     "UsedAfterFork",
 ]
 
@@ -125,14 +126,27 @@ class DurabilityError(SyncStoreError):
     default_hint = "check the disk, then close and reopen the store; unacknowledged writes may or may not be present"
 
 
-class StoreFull(DurabilityError):
-    """The disk or the LMDB map is full.
+class StoreFull(SyncStoreError):
+    """The disk or the LMDB map is full; the write was not acknowledged.
 
-    The write was not acknowledged.  Free disk space (or raise ``map_size``)
-    and reopen the store; everything acknowledged before is kept.
+    Not a broken store: everything acknowledged before is kept, reads go on,
+    and a disk that runs out of space heals by itself -- the store re-probes
+    on later writes and resumes once space is back, with no reopen.  A map
+    capped by ``max_map_size`` stays full until the store is reopened with a
+    larger one (the hint says which case it is).
     """
 
-    default_hint = "free disk space or reopen with a larger map_size; acknowledged data is safe"
+    default_hint = "free disk space and retry the write; acknowledged data is safe"
+
+
+class ReadersFull(SyncStoreError):
+    """Every LMDB reader slot is held by a live read transaction (stale ones were cleared).
+
+    The store stays usable: retry once readers finish, or reopen with a larger
+    ``max_readers``.
+    """
+
+    default_hint = "raise the max_readers option of syncstore.open, or hold fewer read transactions at once"
 
 
 class UsedAfterFork(SyncStoreError):

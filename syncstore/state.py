@@ -34,7 +34,7 @@ import lmdb
 
 from . import _codec
 from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
-from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
+from .errors import CorruptionError, DurabilityError, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
@@ -50,6 +50,8 @@ _FORMAT = b"format_version"
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
 STATE_FORMAT = 1
+#: LMDB reader slots (one per read transaction open at once, across every process).
+DEFAULT_MAX_READERS = 512
 
 _pair = struct.Struct(">QQ")
 _triple = struct.Struct(">QQQ")
@@ -58,47 +60,75 @@ _unpack_pair = _pair.unpack
 _unpack_head = _codec.unpack_inbox_head
 
 
-class _ResizeGate:
-    """Many short read transactions at once, or one map resize alone.
+class _Gate:
+    """Many short read transactions at once, or one exclusive action (a map resize, a close) alone.
 
-    LMDB may change the map size only while this process has no transaction
-    open; reads enter the gate for the life of their transaction, and a resize
-    waits for them to drain while holding new ones back.
+    LMDB may change the map size, or close the environment, only while this
+    process has no transaction open: reads enter the gate for the life of
+    their transaction, and an exclusive action waits for them to drain while
+    holding new ones back.  After :meth:`close` every entry raises
+    :class:`StoreClosed` -- so a read racing ``Store.close()`` either finishes
+    on an open environment or is refused cleanly, never touches a closed one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self._path = path
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._readers = 0
-        self._resizing = False
+        self._exclusive = False
+        self.closed = False
 
     def enter(self) -> None:
         with self._lock:
-            while self._resizing:
+            while self._exclusive:
                 self._drained.wait()
+            if self.closed:
+                raise StoreClosed("the store is closed", path=self._path)
             self._readers += 1
 
     def leave(self) -> None:
         with self._lock:
             self._readers -= 1
-            if self._resizing and not self._readers:
+            if self._exclusive and not self._readers:
                 self._drained.notify_all()
 
-    def exclusive(self, action: Callable[[], object]) -> None:
-        """Run ``action`` with no read transaction open in this process."""
+    def exclusive(self, action: Callable[[], object], *, close: bool = False) -> None:
+        """Run ``action`` with no read transaction open in this process; ``close=True`` then refuses all later entries."""
         with self._lock:
-            self._resizing = True
+            if self.closed:
+                return
+            self._exclusive = True
             try:
                 while self._readers:
                     self._drained.wait()
+                if close:
+                    self.closed = True
                 action()
             finally:
-                self._resizing = False
+                self._exclusive = False
                 self._drained.notify_all()
 
 
+def _read_error(error: lmdb.Error, path: str) -> SyncStoreError:
+    """The SyncStoreError for an LMDB failure during a read."""
+    if isinstance(error, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
+        return CorruptionError(f"LMDB read failed: {error}", path=path)
+    if isinstance(error, lmdb.ReadersFullError):
+        return ReadersFull(
+            f"all LMDB reader slots are held by live read transactions: {error}",
+            path=path,
+            hint="raise the max_readers option of syncstore.open, or hold fewer read transactions at once "
+            "(each open read-only view, thread in a read and lingering iterator takes one)",
+        )
+    return SyncStoreError(f"LMDB read failed: {error}", path=path, hint="check the disk and the store's files")
+
+
 class _ReadTxn:
-    """Context manager for one gated read transaction (a class: cheaper than @contextmanager)."""
+    """Context manager for one gated read transaction (a class: cheaper than @contextmanager).
+
+    LMDB errors inside the ``with`` body come out as :class:`SyncStoreError`.
+    """
 
     __slots__ = ("_state", "_txn")
 
@@ -107,6 +137,7 @@ class _ReadTxn:
 
     def __enter__(self) -> lmdb.Transaction:
         state = self._state
+        cleared = False
         while True:
             state.gate.enter()
             try:
@@ -115,23 +146,52 @@ class _ReadTxn:
             except lmdb.MapResizedError:  # the writer process grew the map: adopt its size
                 state.gate.leave()
                 state.gate.exclusive(lambda: state.env.set_mapsize(0))
+            except lmdb.ReadersFullError as error:
+                state.gate.leave()
+                # Slots of killed processes stay taken until someone clears them: do, once.
+                if cleared or not state.clear_stale_readers():
+                    raise _read_error(error, state.path) from error
+                cleared = True
+            except lmdb.Error as error:
+                state.gate.leave()
+                raise _read_error(error, state.path) from error
             except BaseException:
                 state.gate.leave()
                 raise
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, error: object, traceback: object) -> None:
         self._txn.abort()
         self._state.gate.leave()
+        if isinstance(error, lmdb.Error):
+            raise _read_error(error, self._state.path) from error
 
 
 class State:
     """The LMDB environment holding inboxes, heads, the dedup index and metadata."""
 
-    def __init__(self, path: str, *, readonly: bool, map_size: int, max_map_size: int | None = None) -> None:
+    def __init__(
+        self, path: str, *, readonly: bool, map_size: int, max_map_size: int | None = None, max_readers: int = DEFAULT_MAX_READERS
+    ) -> None:
         self.path = path
         self.readonly = readonly
         self.max_map_size = max_map_size
-        self.gate = _ResizeGate()
+        self.max_readers = max_readers
+        self.gate = _Gate(path)
+        self._reopen_needed = False
+        self._open_env(map_size)
+        if not readonly:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                if txn.get(_FORMAT) is None:
+                    txn.put(_FORMAT, pack_u64(STATE_FORMAT))
+        with self.read() as txn:
+            stored = txn.get(_FORMAT, db=self.meta)
+        if stored is not None and unpack_u64(stored) != STATE_FORMAT:
+            raise CorruptionError(
+                f"LMDB state format {unpack_u64(stored)} is not supported", path=path, hint="open it with the syncstore version that wrote it"
+            )
+
+    def _open_env(self, map_size: int) -> None:
+        path, readonly = self.path, self.readonly
         try:
             self.env = lmdb.open(
                 path,
@@ -141,7 +201,7 @@ class State:
                 sync=True,
                 metasync=False,
                 readahead=False,  # point reads and short scans; readahead only pollutes RAM
-                max_readers=512,
+                max_readers=self.max_readers,
                 create=not readonly,
             )
         except lmdb.InvalidError as error:
@@ -163,16 +223,30 @@ class State:
             self.env.close()
             raise CorruptionError(f"the LMDB state lacks a named database: {error}", path=path) from error
         self.inbox, self.heads, self.dedup, self.dedup_expiry, self.meta = dbs
-        if not readonly:
-            with self.env.begin(write=True, db=self.meta) as txn:
-                if txn.get(_FORMAT) is None:
-                    txn.put(_FORMAT, pack_u64(STATE_FORMAT))
-        with self.read() as txn:
-            stored = txn.get(_FORMAT, db=self.meta)
-        if stored is not None and unpack_u64(stored) != STATE_FORMAT:
-            raise CorruptionError(
-                f"LMDB state format {unpack_u64(stored)} is not supported", path=path, hint="open it with the syncstore version that wrote it"
-            )
+
+    def reopen(self) -> None:
+        """Close and reopen the environment in this process (after a failed commit on a full disk).
+
+        A commit that fails while writing LMDB's meta page leaves the
+        environment refusing every later transaction (MDB_PANIC) until it is
+        reopened; reopening also drops any state of the aborted transaction.
+        Committed data is untouched, and everything not yet applied is still in
+        the WAL and the writer's overlay.  Reads wait at the gate meanwhile.
+        """
+
+        def swap() -> None:
+            size = self.env.info()["map_size"]
+            self.env.close()
+            self._open_env(size)
+
+        self.gate.exclusive(swap)
+
+    def clear_stale_readers(self) -> int:
+        """Free reader slots of dead processes (``reader_check``); return how many."""
+        try:
+            return self.env.reader_check()
+        except lmdb.Error as error:
+            raise _read_error(error, self.path) from error
 
     # --- transactions -------------------------------------------------------------
 
@@ -184,21 +258,29 @@ class State:
         """Run ``body`` in a write transaction, growing a full map and retrying.
 
         Maps LMDB failures to the error tree: :class:`StoreFull` for a full
-        disk or a map that may not grow further, :class:`DurabilityError`
+        disk (transient: the next call reopens the environment, which a commit
+        that failed half-way may have left refusing everything, and tries
+        again) or a map that may not grow further, :class:`DurabilityError`
         otherwise.  The transaction is aborted on any error.
         """
+        self._reopen_if_needed()
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     return body(txn)
             except lmdb.MapFullError:
                 self._grow_map()
-            except lmdb.DiskError as error:
-                raise StoreFull(f"LMDB write failed: {error}", path=self.path) from error
             except lmdb.Error as error:
-                if self._disk_nearly_full():
+                if isinstance(error, lmdb.DiskError) or self._disk_nearly_full():
+                    self._reopen_needed = True
                     raise StoreFull(f"LMDB write failed on a full disk: {error}", path=self.path) from error
                 raise DurabilityError(f"LMDB write failed: {error}", path=self.path) from error
+
+    def _reopen_if_needed(self) -> None:
+        """Reopen after a commit failed on a full disk (before anything takes a database handle)."""
+        if self._reopen_needed:
+            self.reopen()
+            self._reopen_needed = False
 
     def _disk_nearly_full(self) -> bool:
         # LMDB reports a short write -- what a full disk gives -- as EIO, not ENOSPC.
@@ -295,6 +377,7 @@ class State:
         retried.  Raises :class:`StoreFull` if the disk is full or the map may
         not grow (the transaction is aborted; the records stay in the WAL).
         """
+        self._reopen_if_needed()  # the handles below must belong to the live environment
         # Encode everything first, then write each database with one putmulti
         # (a loop in C, over sorted keys for B-tree locality); a user's head is
         # written once per batch, not once per message.
@@ -365,12 +448,19 @@ class State:
         self.env.sync(True)
 
     def close(self) -> None:
-        """Close the environment (syncs first when writable)."""
-        try:
-            if not self.readonly:
-                self.env.sync(True)
-        finally:
-            self.env.close()
+        """Close the environment (syncs first when writable) once reads in progress finish.
+
+        Reads that start later raise :class:`StoreClosed`.  Idempotent.
+        """
+
+        def close() -> None:
+            try:
+                if not self.readonly:
+                    self.env.sync(True)
+            finally:
+                self.env.close()
+
+        self.gate.exclusive(close, close=True)
 
     # --- verification -------------------------------------------------------------
 

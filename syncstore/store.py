@@ -31,7 +31,7 @@ from ._ids import MAX_REPLICA, MessageIds
 from ._writer import Writer
 from .errors import CorruptionError, InvalidArgument, ReadOnlyStore, StoreClosed, StoreLocked, UsedAfterFork
 from .model import MAX_U64, Delivery, Message, Messages, Page, StoredMessage, check_u64
-from .state import State, state_dir
+from .state import DEFAULT_MAX_READERS, State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
 __all__ = ["Store", "open", "DURABILITY_MODES"]
@@ -94,6 +94,7 @@ def open(  # noqa: A001 - the public name is the contract
     hot_window_ms: int = 7 * DAY_MS,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    max_readers: int = DEFAULT_MAX_READERS,
     clock_ms: Callable[[], int] | None = None,
     fs: FileSystem | None = None,
 ) -> Store:
@@ -108,6 +109,9 @@ def open(  # noqa: A001 - the public name is the contract
     up to ``max_map_size`` (None: no limit; equal to ``map_size``: growth
     disabled, and a full map raises :class:`StoreFull`).  ``dedup_window_ms``
     (>= the hot window) is how long an idempotency key is remembered.
+    ``max_readers`` is the size of LMDB's reader table, shared by every
+    process reading the store (one slot per read transaction open at once;
+    slots of dead processes are cleared when the table fills up).
     ``clock_ms`` and ``fs`` are seams for tests and simulations.
 
     Raises :class:`StoreLocked` if another writer holds the store,
@@ -127,6 +131,7 @@ def open(  # noqa: A001 - the public name is the contract
         hot_window_ms=hot_window_ms,
         max_body_bytes=max_body_bytes,
         segment_bytes=segment_bytes,
+        max_readers=max_readers,
         clock_ms=clock_ms,
         fs=fs,
     )
@@ -154,6 +159,7 @@ class Store:
         hot_window_ms: int,
         max_body_bytes: int,
         segment_bytes: int,
+        max_readers: int,
         clock_ms: Callable[[], int] | None,
         fs: FileSystem | None,
     ) -> None:
@@ -167,6 +173,8 @@ class Store:
         _check_option_int("dedup_window_ms", dedup_window_ms, hot_window_ms)
         _check_option_int("max_body_bytes", max_body_bytes, 0, 64 << 20)
         _check_option_int("segment_bytes", segment_bytes, 4096)
+        _check_option_int("max_readers", max_readers, 8, 1 << 20)
+        self._max_readers = max_readers
         if type(readonly) is not bool:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
         if clock_ms is not None and not callable(clock_ms):
@@ -228,12 +236,14 @@ class Store:
         if self.readonly:
             if not os.path.isdir(state_dir(self.path)):
                 raise InvalidArgument(f"no store at {self.path}", path=self.path, hint="open it once without readonly=True to create it")
-            self._state = State(state_dir(self.path), readonly=True, map_size=map_size)
+            self._state = State(state_dir(self.path), readonly=True, map_size=map_size, max_readers=self._max_readers)
             return
         os.makedirs(os.path.join(self.path, "wal"), exist_ok=True)
         os.makedirs(state_dir(self.path), exist_ok=True)
         self._take_lock()
-        self._state = State(state_dir(self.path), readonly=False, map_size=map_size, max_map_size=max_map_size)
+        self._state = State(
+            state_dir(self.path), readonly=False, map_size=map_size, max_map_size=max_map_size, max_readers=self._max_readers
+        )
         recorded = self._state.replica_id()
         if recorded is None:
             self._state.set_replica_id(replica_id)
@@ -389,6 +399,16 @@ class Store:
                 raise InvalidArgument(f"items[{index}] must be a (message, to) pair", key="items")
             checked.append((self._check_message(item[0]), self._recipients(item[1])))
         return [Delivery.of(*result) for result in writer.deliver_many(checked)]
+
+    def flush(self) -> None:
+        """Block until every write acknowledged so far is durable, and so visible to ``sync``/``head``.
+
+        Readers see only durable writes.  In ``durability="sync"`` every
+        acknowledged write already is; in "interval"/"none" mode the WAL is
+        synced on a timer (docs/design.md), and ``flush`` syncs it now.
+        Raises :class:`DurabilityError` if the sync fails.
+        """
+        self._check_writer().flush()
 
     # --- reads --------------------------------------------------------------------
 

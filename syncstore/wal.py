@@ -12,15 +12,18 @@ journal, which measured ~20 % faster per sync here (docs/benchmarks.md).  The
 unwritten remainder reads as zeros, which recovery treats as the clean end.  It knows nothing of
 messages or LMDB; group commit and durability policy live in the store.
 
-Failure policy: after any failed write or ``fdatasync`` the log is *broken*:
-every later append or sync raises :class:`DurabilityError` (or
-:class:`StoreFull`) until the store is reopened.  A failed ``fsync`` must not
-be retried -- the kernel may have dropped the dirty pages and a second call
-would falsely report success.
+Failure policy: a write that finds the disk full (ENOSPC from creating,
+preallocating or writing a segment) raises :class:`StoreFull` and leaves the
+log as it was, so it heals once space is back.  After any other failed write,
+and after any failed ``fsync``/``fdatasync`` (ENOSPC included), the log is
+*broken*: every later append or sync raises :class:`DurabilityError` until the
+store is reopened.  A failed ``fsync`` must not be retried -- the kernel may
+have dropped the dirty pages and a second call would falsely report success.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from . import _codec
 from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
-from .errors import CorruptionError, DurabilityError, StoreFull
+from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 
 __all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
 
@@ -90,14 +93,22 @@ def _vouching_frame(data: bytes, start: int, bad_lsn: int) -> int | None:
     return None
 
 
-def io_failure(error: OSError, what: str, path: str) -> DurabilityError:
-    """The SyncStoreError for a failed file operation: StoreFull when the disk is full."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(
-            f"{what} failed: disk full ({error})",
-            path=path,
-            hint="free disk space, then close and reopen the store; acknowledged data is safe",
-        )
+def _out_of_space(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(what: str, error: OSError, path: str) -> StoreFull:
+    """The transient StoreFull of a write that found no space (nothing was written)."""
+    return StoreFull(f"{what} failed: disk full ({error})", path=path)
+
+
+def io_failure(error: OSError, what: str, path: str) -> SyncStoreError:
+    """The SyncStoreError for a failed file operation outside the write path (opening, recovery, retirement).
+
+    A full disk is :class:`StoreFull`; anything else is :class:`DurabilityError`.
+    """
+    if _out_of_space(error):
+        return StoreFull(f"{what} failed: disk full ({error})", path=path, hint="free disk space, then try again")
     return DurabilityError(f"{what} failed: {error}", path=path)
 
 
@@ -120,7 +131,8 @@ class WriteAheadLog:
         self._segments: list[_Segment] = []
         self._fd = -1
         self._io_lock = threading.Lock()
-        self._broken: DurabilityError | None = None
+        self._broken: SyncStoreError | None = None
+        self._allocated = True  # False after a write failed for space: preallocate again first
         self._torn: tuple[str, int, int] | None = None  # (path, offset, bytes) to truncate
         self._unsynced = True  # recovered frames may not be durable yet
 
@@ -248,8 +260,17 @@ class WriteAheadLog:
             self._fs.close(fd)
 
     def _create_segment(self, first_lsn: int) -> None:
+        self._fd = self._new_segment(first_lsn)
+
+    def _new_segment(self, first_lsn: int) -> int:
+        """Create, preallocate and durably record segment ``first_lsn``; return its descriptor.
+
+        On failure the half-made file is removed (best effort; a leftover is
+        overwritten by the next attempt, as no frame of it was ever written)
+        and the log is unchanged.
+        """
         path = os.path.join(self.directory, segment_name(first_lsn))
-        fd = self._fs.open(path, self._write_flags | os.O_CREAT | os.O_EXCL)
+        fd = self._fs.open(path, self._write_flags | os.O_CREAT | os.O_TRUNC)
         try:
             self._fs.pwrite(fd, _codec.encode_segment_header(first_lsn), 0)
             self._fs.allocate(fd, self._segment_bytes)
@@ -257,9 +278,12 @@ class WriteAheadLog:
             self._fs.fsync_dir(self.directory)
         except BaseException:
             self._fs.close(fd)
+            with contextlib.suppress(OSError):
+                self._fs.unlink(path)
             raise
         self._segments.append(_Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE))
-        self._fd = fd
+        self._allocated = True
+        return fd
 
     # --- properties -------------------------------------------------------------
 
@@ -300,37 +324,73 @@ class WriteAheadLog:
             )
 
     def _fail(self, error: OSError, what: str) -> DurabilityError:
-        self._broken = io_failure(error, what, self._segments[-1].path)
+        # Sticky whatever the errno: after a failed fsync the kernel may have dropped
+        # the dirty pages, so nothing written since the last good sync can be trusted.
+        self._broken = DurabilityError(f"{what} failed: {error}", path=self._segments[-1].path)
         return self._broken
 
-    def append(self, data: bytes, last_lsn: int, first_lsn: int) -> None:
+    def append(self, data: bytes | bytearray, last_lsn: int, first_lsn: int) -> None:
         """Write frames ``first_lsn .. last_lsn`` (already encoded, back to back) to the log.
 
         Rotates to a new segment first when the current one is full.  The
         data reaches the OS, not necessarily the disk: call :meth:`sync`.
+
+        A full disk (ENOSPC from creating or preallocating a segment, or from
+        the write) raises :class:`StoreFull` and leaves the log exactly as it
+        was -- a partial write is cut off again -- so the caller may drop the
+        frames and later appends may reuse their LSNs: the condition heals once
+        space is back.  Any other failure breaks the log (:class:`DurabilityError`
+        now and on every later call).
         """
         with self._io_lock:
             self._check()
             current = self._segments[-1]
             if first_lsn != current.last_lsn + 1:
                 raise AssertionError(f"WAL append out of order: {first_lsn} after {current.last_lsn}")
+            if current.size + len(data) > self._segment_bytes and current.last_lsn >= current.first_lsn:
+                self._rotate(first_lsn)
+                current = self._segments[-1]
             try:
-                if current.size + len(data) > self._segment_bytes and current.last_lsn >= current.first_lsn:
-                    self._rotate(first_lsn)
-                    current = self._segments[-1]
+                if not self._allocated:  # a write failed for space earlier: probe again
+                    self._fs.allocate(self._fd, self._segment_bytes)
+                    self._allocated = True
                 self._fs.pwrite(self._fd, data, current.size)
             except OSError as error:
-                raise self._fail(error, "WAL write") from error
+                if not _out_of_space(error):
+                    raise self._fail(error, "WAL write") from error
+                self._cut_back(current)
+                raise _disk_full("WAL write", error, current.path) from error
             current.size += len(data)
             current.last_lsn = last_lsn
             self._unsynced = not self._write_flags & os.O_DSYNC
 
+    def _cut_back(self, segment: _Segment) -> None:
+        """Remove whatever part of a failed write reached the file (its frames must not be replayed)."""
+        self._allocated = False
+        try:
+            self._fs.truncate(self._fd, segment.size)
+        except OSError as error:
+            raise self._fail(error, "cutting back a failed WAL write") from error
+
     def _rotate(self, first_lsn: int) -> None:
-        # Seal the old segment durably before the new one can hold acknowledged frames.
-        self._fs.fdatasync(self._fd)
-        self._fs.close(self._fd)
-        self._fd = -1
-        self._create_segment(first_lsn)
+        # Seal the old segment durably before a new one can hold acknowledged frames
+        # (recovery treats a gap before a later segment as corruption, not a torn tail).
+        try:
+            self._fs.fdatasync(self._fd)
+        except OSError as error:
+            raise self._fail(error, "WAL fdatasync") from error
+        self._unsynced = False
+        try:
+            fd = self._new_segment(first_lsn)
+        except OSError as error:
+            if not _out_of_space(error):
+                raise self._fail(error, "WAL segment creation") from error
+            raise _disk_full("WAL segment creation", error, self.directory) from error
+        old, self._fd = self._fd, fd
+        try:
+            self._fs.close(old)
+        except OSError:  # sealed above: nothing to lose
+            log.warning("closing WAL segment failed", exc_info=True)
 
     def sync(self) -> None:
         """``fdatasync`` the current segment; raises :class:`DurabilityError` on failure (never retried)."""

@@ -43,22 +43,19 @@ def msg(seq: int) -> Message:
     return Message(sender=3, conv=1, client_seq=seq, body=b"m%d" % seq)
 
 
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [(errno.EIO, DurabilityError), (errno.ENOSPC, StoreFull)],
-)
-def test_failed_log_write_stops_writes_until_reopen(store_path, error, expected):
-    fs = FailingFS("pwrite", error)
+def test_failed_log_write_stops_writes_until_reopen(store_path):
+    fs = FailingFS("pwrite", errno.EIO)
     store = syncstore.open(store_path, fs=fs)
     acked = [store.deliver(msg(seq), to=[1]) for seq in range(1, 6)]
     fs.arm()
-    with pytest.raises(expected) as failed:
+    with pytest.raises(DurabilityError) as failed:
         store.deliver(msg(6), to=[1])
+    assert not isinstance(failed.value, StoreFull)
     assert "reopen" in str(failed.value)
     attempts = fs.calls["pwrite"]
-    with pytest.raises(expected):  # refused at once, without touching the log again
+    with pytest.raises(DurabilityError):  # refused at once, without touching the log again
         store.deliver(msg(7), to=[1])
-    with pytest.raises(expected):
+    with pytest.raises(DurabilityError):
         store.deliver_many([(msg(8), [1])])
     assert fs.calls["pwrite"] == attempts
     # reads keep working and see everything acknowledged
@@ -69,6 +66,36 @@ def test_failed_log_write_stops_writes_until_reopen(store_path, error, expected)
         assert reopened.head(1) == 5
         assert [m.msg_id for m in reopened.sync(1).messages] == [d.msg_id for d in acked]
         assert reopened.deliver(msg(6), to=[1]).cursors == {1: 6}
+        reopened.check()
+
+
+@pytest.mark.parametrize("durability", ["sync", "interval", "none"])
+def test_log_write_on_a_full_disk_is_refused_and_heals_without_reopen(store_path, durability):
+    """ENOSPC from a WAL write is transient: the write is refused (nothing of it kept, its
+    cursor not consumed), every later write re-probes, and once space is back the store
+    goes on -- no reopen, nothing acknowledged lost, check() clean."""
+    fs = FailingFS("pwrite", errno.ENOSPC)
+    store = syncstore.open(store_path, fs=fs, durability=durability)
+    acked = [store.deliver(msg(seq), to=[1, 2]) for seq in range(1, 6)]
+    fs.arm()
+    with pytest.raises(StoreFull) as failed:
+        store.deliver(msg(6), to=[1, 2])
+    assert "reopen" not in str(failed.value)
+    assert not isinstance(failed.value, DurabilityError)  # the store is not broken
+    attempts = fs.calls["pwrite"]
+    with pytest.raises(StoreFull):
+        store.deliver_many([(msg(7), [1]), (msg(8), [2])])
+    assert fs.calls["pwrite"] > attempts  # a later write probes the disk again
+    fs.fail_at = None  # space is back
+    healed = [store.deliver(msg(seq), to=[1, 2]) for seq in range(6, 26)]
+    assert [d.cursors for d in healed] == [{1: c, 2: c} for c in range(6, 26)]  # refused writes took no cursor
+    assert not any(d.duplicate for d in healed)  # and left no dedup entry behind
+    store.flush()  # readers see only durable writes
+    assert [m.msg_id for m in store.sync(1).messages] == [d.msg_id for d in acked + healed]
+    store.check()
+    store.close()
+    with syncstore.open(store_path) as reopened:
+        assert [m.msg_id for m in reopened.sync(2).messages] == [d.msg_id for d in acked + healed]
         reopened.check()
 
 

@@ -68,6 +68,11 @@ class StoreMachine(RuleBasedStateMachine):
         self.inbox: dict[int, list[StoredMessage]] = defaultdict(list)
         self.first: dict[Key, tuple[int, dict[int, int]]] = {}  # key -> (msg_id, cursors) of the first delivery
         self.last_msg_id = 0
+        # Readers see durable writes only: in "interval"/"none" mode a user's visible head lies
+        # between what was last made durable (flush, reopen) and what was acknowledged, and
+        # never goes back.
+        self.durable: dict[int, int] = defaultdict(int)
+        self.seen: dict[int, int] = defaultdict(int)
 
     def _open(self, segment_bytes: int) -> syncstore.Store:
         return syncstore.open(
@@ -109,7 +114,21 @@ class StoreMachine(RuleBasedStateMachine):
                 StoredMessage(cursor, delivery.msg_id, message.sender, message.conv, message.client_seq, ts, message.priority, message.body)
             )
 
+    def _all_durable(self) -> None:
+        for uid in USER_IDS:
+            self.durable[uid] = len(self.inbox[uid])
+
+    def _visible_head(self, uid: int) -> int:
+        """The store's head of ``uid``, checked against the model's bounds."""
+        head = self.store.head(uid)
+        if self.durability == "sync":
+            assert head == len(self.inbox[uid])
+        assert max(self.durable[uid], self.seen[uid]) <= head <= len(self.inbox[uid]), f"user {uid}: head {head}"
+        self.seen[uid] = head
+        return head
+
     def _check_everything(self) -> None:
+        self._all_durable()
         for uid in USER_IDS:
             page = self.store.sync(uid, since=0, limit=10_000)
             assert list(page.messages) == self.inbox[uid], f"user {uid}"
@@ -161,15 +180,29 @@ class StoreMachine(RuleBasedStateMachine):
     def sync(self, user, data, limit):
         inbox = self.inbox[user]
         since = data.draw(st.integers(0, len(inbox) + 2), label="since")
+        low = max(self.durable[user], self.seen[user])  # visible for sure
         page = self.store.sync(user, since=since, limit=limit)
         expected = [m for m in inbox if m.cursor > since][:limit]
-        assert list(page.messages) == expected
-        assert page.next == (expected[-1].cursor if expected else since)
-        assert page.has_more == (page.next < len(inbox))
+        got = list(page.messages)
+        assert got == expected[: len(got)], "a page is a prefix of what was acknowledged"
+        assert len(got) >= min(limit, max(0, low - since)), "a durable message is missing"
+        assert page.next == (got[-1].cursor if got else since)
+        if got:
+            self.seen[user] = max(self.seen[user], got[-1].cursor)
+        if self.durability == "sync":
+            assert got == expected
+            assert page.has_more == (page.next < len(inbox))
 
     @rule(user=users)
     def head(self, user):
-        assert self.store.head(user) == len(self.inbox[user])
+        self._visible_head(user)
+
+    @rule()
+    def flush(self):
+        self.store.flush()
+        self._all_durable()
+        for uid in USER_IDS:
+            assert self._visible_head(uid) == len(self.inbox[uid])
 
     @rule(delta=st.integers(-5_000, 5_000))
     def step_clock(self, delta):
@@ -200,7 +233,7 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def heads_match(self):
         for uid in USER_IDS:
-            assert self.store.head(uid) == len(self.inbox[uid])
+            self._visible_head(uid)
 
 
 def budget(max_examples: int) -> settings:
