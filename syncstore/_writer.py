@@ -114,8 +114,16 @@ class Writer:
         # see); acked: what callers were told is done (written, or synced in "sync" mode).
         self._written_lsn = self.synced_lsn = self.acked_lsn = end
         self._sync_interval = SYNC_INTERVAL_S[durability]
+        # The sync timer ("interval"/"none"), guarded by its own lock rather than the
+        # sequencing lock: under bulk load the flusher can wait hundreds of ms for the
+        # sequencing lock, and the timer must not wait with it.
+        self._sync_lock = threading.Lock()
+        self._synced = threading.Condition(self._sync_lock)  # the high watermark moved, or a sync is wanted
         self._unsynced_since: float | None = None  # when the oldest unsynced write happened
         self._sync_requested = False
+        self._flusher_done = False
+        self._abandoned = False
+        self._syncing = False  # a thread is in fdatasync
         self._stopping = False
         self._stopped = False  # the threads are gone
         self.failure: SyncStoreError | None = None
@@ -133,12 +141,13 @@ class Writer:
         self._work = threading.Condition(self.lock)  # wakes the idle flusher
         self._flusher_idle = False
         self._applied = threading.Condition()  # applier progress, for back-pressure
-        self._synced = threading.Condition(self.lock)  # the high watermark moved
         self._apply_wakeup = threading.Event()
         self._threads = [
             threading.Thread(target=self._flush_loop, name=f"syncstore-flusher:{path}", daemon=True),
             threading.Thread(target=self._apply_loop, name=f"syncstore-applier:{path}", daemon=True),
         ]
+        if durability != "sync":
+            self._threads.append(threading.Thread(target=self._sync_loop, name=f"syncstore-syncer:{path}", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -153,6 +162,7 @@ class Writer:
                 msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
             waiter = self._gate(lsn)
         self._await(waiter)
+        self._sync_if_due()
         return msg_id, duplicate, pairs
 
     def deliver_many(self, items: Sequence[tuple[Message, tuple[int, ...]]]) -> list[Sequenced]:
@@ -178,7 +188,9 @@ class Writer:
                         last = max(last, lsn)
                 if start + BULK_CHUNK >= len(items):
                     waiter = self._gate(last)
+            self._sync_if_due()
         self._await(waiter)
+        self._sync_if_due()
         return results
 
     def _check_writable(self) -> None:
@@ -199,6 +211,7 @@ class Writer:
             log.error("store %s stops accepting writes: %s", self._path, error)
         with self.lock:
             self._release_waiters(_ALL, self._failure_copy())
+        with self._synced:
             self._synced.notify_all()
         with self._applied:
             self._applied.notify_all()
@@ -209,10 +222,7 @@ class Writer:
             self._reprobe_apply()
         if len(self.overlay) < _MAX_PENDING:
             return
-        with self.lock:  # the applier needs durable records: don't make it wait for the timer
-            self._sync_requested = True
-            if self._flusher_idle:
-                self._work.notify()
+        self._request_sync()  # the applier needs durable records: don't make it wait for the timer
         self._apply_wakeup.set()
         with self._applied:
             self._applied.wait_for(
@@ -297,75 +307,125 @@ class Writer:
             waiter.error = error
             waiter.lock.release()
 
+    def _flush_loop(self) -> None:
+        """Write every frame sequenced so far, back to back, until stopped and drained."""
+        sync_mode = self._durability == "sync"
+        try:
+            while True:
+                with self.lock:
+                    self._release_waiters(self.acked_lsn)
+                    while not self._frames and not self._stopping:
+                        self._flusher_idle = True
+                        self._work.wait()
+                    self._flusher_idle = False
+                    frames, self._frames = self._frames, []
+                    last = self._next_lsn - 1
+                    if not frames:  # stopping, and everything is written
+                        return
+                try:
+                    data = bytearray().join(frames)
+                    _codec.seal_frames(data, self.synced_lsn)  # the durable prefix as of this write
+                    self._wal.append(data, last, self._written_lsn + 1)
+                except StoreFull as error:
+                    self._roll_back(error)
+                    continue
+                except SyncStoreError as error:
+                    self._fail(error)
+                    return
+                with self._synced:
+                    self._written_lsn = last
+                    if sync_mode:
+                        self.synced_lsn = last  # O_DSYNC: durable on return
+                        self._synced.notify_all()
+                    elif self._unsynced_since is None:
+                        self._unsynced_since = self._monotonic()
+                        self._synced.notify_all()  # start the syncer's timer
+                self.acked_lsn = last
+                if not sync_mode:
+                    self._sync_if_due()
+        finally:
+            with self._synced:
+                self._flusher_done = True
+                self._synced.notify_all()
+
     def _sync_due(self) -> bool:
-        """Whether the flusher must fdatasync now ("interval"/"none" mode).  Sequencing lock held."""
-        if self._unsynced_since is None:
+        """Whether the syncer must fdatasync now.  Sync lock held."""
+        if self._abandoned or self._unsynced_since is None:
             return False
-        return self._sync_requested or self._stopping or self._monotonic() - self._unsynced_since >= self._sync_interval
+        return self._sync_requested or self._flusher_done or self._monotonic() - self._unsynced_since >= self._sync_interval
 
     def _sync_wait(self) -> float | None:
-        """How long the idle flusher may sleep before a sync falls due (None: until woken)."""
+        """How long the syncer may sleep before a sync falls due (None: until woken).  Sync lock held."""
         if self._unsynced_since is None:
             return None
         return max(0.0, self._unsynced_since + self._sync_interval - self._monotonic())
 
-    def _flush_loop(self) -> None:
-        """Write (and sync) every frame sequenced so far, back to back, until stopped and drained."""
-        sync_mode = self._durability == "sync"
+    def _sync_loop(self) -> None:
+        """"interval"/"none" mode: fdatasync the WAL at most :data:`SYNC_INTERVAL_S` after a write, or on request.
+
+        Running threads (the flusher after a write, callers as they return)
+        also sync when the timer is due (:meth:`_sync_if_due`): under heavy
+        load a thread waking from a timed wait can wait long for the GIL, and
+        the promise must hold under any load.
+        """
         while True:
-            with self.lock:
-                self._release_waiters(self.acked_lsn)
-                while not self._frames and not self._stopping and not self._sync_due():
-                    self._flusher_idle = True
-                    self._work.wait(self._sync_wait())
-                self._flusher_idle = False
-                frames, self._frames = self._frames, []
-                last = self._next_lsn - 1
-                if not frames and not self._sync_due():  # stopping, and nothing left to write or sync
-                    return
-            try:
-                if frames:
-                    data = bytearray().join(frames)
-                    _codec.seal_frames(data, self.synced_lsn)  # the durable prefix as of this write
-                    self._wal.append(data, last, self._written_lsn + 1)
-                    self._written_lsn = last
-                    if sync_mode:
-                        self.synced_lsn = last  # O_DSYNC: durable on return
-                    elif self._unsynced_since is None:
-                        self._unsynced_since = self._monotonic()
-                with self.lock:
-                    due = self._sync_due()
-                if due:
-                    written = self._written_lsn
-                    self._wal.sync()
-                    with self.lock:
-                        self.synced_lsn = written
-                        self._unsynced_since = None
-                        self._sync_requested = False
-                        self._synced.notify_all()
-            except StoreFull as error:
-                self._roll_back(error)
-                continue
-            except SyncStoreError as error:
-                self._fail(error)
+            with self._synced:
+                while self._syncing or not self._sync_due():
+                    if self._flusher_done and not self._syncing and (self._unsynced_since is None or self._abandoned):
+                        return
+                    self._synced.wait(None if self._syncing else self._sync_wait())
+            if not self._sync_now():
                 return
-            self.acked_lsn = self._written_lsn
+
+    def _sync_if_due(self) -> None:
+        """Sync if the timer is due and no other thread is syncing; cheap when not (no lock taken)."""
+        since = self._unsynced_since
+        if since is not None and self._monotonic() - since >= self._sync_interval:
+            self._sync_now()
+
+    def _sync_now(self) -> bool:
+        """fdatasync the WAL if due and nobody else is; update the high watermark.  False if the sync failed."""
+        with self._synced:
+            if self._syncing or not self._sync_due():
+                return True
+            self._syncing = True
+            target, since = self._written_lsn, self._monotonic()
+        try:
+            self._wal.sync()  # covers every frame written so far, target included
+        except SyncStoreError as error:
+            with self._synced:
+                self._syncing = False
+            self._fail(error)
+            return False
+        with self._synced:
+            self._syncing = False
+            self.synced_lsn = max(self.synced_lsn, target)
+            self._sync_requested = False
+            # Frames written after target was read became unsynced no earlier than `since`.
+            self._unsynced_since = None if self._written_lsn == target else since
+            self._synced.notify_all()
+        return True
+
+    def _request_sync(self) -> None:
+        with self._synced:
+            self._sync_requested = True
+            self._synced.notify_all()
 
     def flush(self) -> None:
         """Wait until every write acknowledged so far is durable (and so visible to readers).
 
-        In "sync" mode that is already true; otherwise the flusher syncs now
+        In "sync" mode that is already true; otherwise the syncer syncs now
         instead of at its timer.  Raises the writer's failure if the sync fails.
         """
-        with self.lock:
-            target = self.acked_lsn
+        target = self.acked_lsn
+        with self._synced:
             while self.synced_lsn < target:
                 if self.failure is not None:
                     raise self._failure_copy()
                 if self._stopped:
                     raise StoreClosed("the store was closed", path=self._path)
                 self._sync_requested = True
-                self._work.notify()
+                self._synced.notify_all()
                 self._synced.wait()
 
     def _roll_back(self, error: StoreFull) -> None:
@@ -503,7 +563,8 @@ class Writer:
         """Stop as a killed process would: drop unwritten frames, apply nothing."""
         with self.lock:
             self._frames = []
-            self._unsynced_since = None  # and no final sync on the way out
+        with self._synced:
+            self._abandoned = True  # and no final sync on the way out
         self._stop()
 
     def _stop(self) -> None:
@@ -514,8 +575,10 @@ class Writer:
         self._apply_wakeup.set()
         with self._applied:
             self._applied.notify_all()
+        with self._synced:
+            self._synced.notify_all()
         for thread in self._threads:
             thread.join()
-        with self.lock:
+        with self._synced:
             self._stopped = True
             self._synced.notify_all()
