@@ -28,13 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
 from . import _codec
 from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
-from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
+from ._layout import DEFAULT_FILE_MODE
+from .errors import CorruptionError, DurabilityError, PermissionDenied, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
@@ -47,6 +48,7 @@ _APPLIED = b"applied_lsn"
 _LAST_ID = b"last_msg_id"
 _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
+_FILES = ("data.mdb", "lock.mdb")
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
 STATE_FORMAT = 1
@@ -127,23 +129,56 @@ class _ReadTxn:
 class State:
     """The LMDB environment holding inboxes, heads, the dedup index and metadata."""
 
-    def __init__(self, path: str, *, readonly: bool, map_size: int, max_map_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool,
+        map_size: int,
+        max_map_size: int | None = None,
+        lock: bool = True,
+        file_mode: int = DEFAULT_FILE_MODE,
+        replica_id: int | None = None,
+    ) -> None:
+        """Open the LMDB environment in directory ``path``.
+
+        Writable: creates and initialises it when needed -- the named
+        databases, the format key and ``replica_id`` in one transaction
+        (``created`` is then True, and the caller forces it durable with
+        :meth:`sync`) -- and gives the files it creates ``file_mode``
+        whatever the umask.  Read-only: an environment that was never
+        initialised (no format key) opens with ``initialised = False`` and no
+        databases.  ``lock=False`` (read-only only) opens without LMDB's lock
+        file, writing nothing at all: no reader slot protects the pages read,
+        so the caller must make sure that no writer runs meanwhile.
+        """
         self.path = path
         self.readonly = readonly
         self.max_map_size = max_map_size
         self.gate = _ResizeGate()
+        self.initialised = True
+        self.created = False
+        new_files = [] if readonly else [f for f in _FILES if not os.path.exists(os.path.join(path, f))]
         try:
             self.env = lmdb.open(
                 path,
                 map_size=map_size,
                 max_dbs=len(_DB_NAMES),
                 readonly=readonly,
+                lock=lock,
                 sync=True,
                 metasync=False,
                 readahead=False,  # point reads and short scans; readahead only pollutes RAM
                 max_readers=512,
                 create=not readonly,
+                mode=file_mode,
             )
+        except lmdb.ReadonlyError as error:  # EACCES: LMDB's name for "permission denied"
+            raise PermissionDenied(
+                f"permission denied opening the LMDB state ({error}): {'read' if readonly else 'read and write'} access to "
+                f"{path}, data.mdb{' and lock.mdb' if lock else ''} is needed (running as uid {os.geteuid()})",
+                path=path,
+            ) from error
         except lmdb.InvalidError as error:
             raise CorruptionError(f"the LMDB state is not a valid LMDB environment: {error}", path=path) from error
         except lmdb.Error as error:
@@ -154,25 +189,43 @@ class State:
         self.env.reader_check()
         try:
             if readonly:
-                # Handles opened inside a read-only transaction die with it; open them bare.
-                dbs = [self.env.open_db(name, create=False) for name in _DB_NAMES]
+                dbs = self._open_existing_dbs()
             else:
                 with self.env.begin(write=True) as txn:
                     dbs = [self.env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
+                    if txn.get(_FORMAT, db=dbs[-1]) is None:
+                        txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=dbs[-1])
+                        if replica_id is not None:
+                            txn.put(_REPLICA, pack_u64(replica_id), db=dbs[-1])
+                        self.created = True
         except lmdb.NotFoundError as error:
             self.env.close()
             raise CorruptionError(f"the LMDB state lacks a named database: {error}", path=path) from error
         self.inbox, self.heads, self.dedup, self.dedup_expiry, self.meta = dbs
-        if not readonly:
-            with self.env.begin(write=True, db=self.meta) as txn:
-                if txn.get(_FORMAT) is None:
-                    txn.put(_FORMAT, pack_u64(STATE_FORMAT))
+        for name in _FILES if self.created else new_files:
+            os.chmod(os.path.join(path, name), file_mode)  # LMDB applies the umask
+        if not self.initialised:
+            return
         with self.read() as txn:
             stored = txn.get(_FORMAT, db=self.meta)
         if stored is not None and unpack_u64(stored) != STATE_FORMAT:
             raise CorruptionError(
                 f"LMDB state format {unpack_u64(stored)} is not supported", path=path, hint="open it with the syncstore version that wrote it"
             )
+
+    def _open_existing_dbs(self) -> list[Any]:
+        """The named databases of a read-only environment; none (``initialised = False``) before its first initialisation."""
+        # Handles opened inside a read-only transaction die with it; open them bare.
+        try:
+            meta = self.env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            meta = None
+        if meta is not None:
+            with self.env.begin() as txn:
+                if txn.get(_FORMAT, db=meta) is not None:
+                    return [self.env.open_db(name, create=False) for name in _DB_NAMES]
+        self.initialised = False
+        return [None] * len(_DB_NAMES)
 
     # --- transactions -------------------------------------------------------------
 
