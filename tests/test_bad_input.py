@@ -216,9 +216,9 @@ def test_open_accepts_a_pathlike(tmp_path):
 
 def test_readonly_on_a_path_without_a_store(tmp_path):
     for path in (tmp_path / "missing", tmp_path):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(syncstore.StoreNotFound) as info:  # issue 7: StoreNotFound, no longer InvalidArgument
             syncstore.open(str(path), readonly=True)
-        assert_invalid(info, "store", "readonly")
+        assert "no store" in str(info.value) and "readonly" in str(info.value)
     assert not (tmp_path / "missing").exists()
     assert not (tmp_path / "state").exists() and not (tmp_path / "wal").exists()
 
