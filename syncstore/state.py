@@ -473,7 +473,7 @@ class State:
                 if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=self.dedup_expiry) is None:
                     raise CorruptionError("dedup entry has no expiry index entry", path=self.path, key=(sender, client_seq))
                 dedups += 1
-        return {"users": users, "messages": messages, "dedup_entries": dedups, "applied_lsn": applied}
+        return {"users": users, "inbox_entries": messages, "dedup_entries": dedups, "applied_lsn": applied}
 
     def _check_head(self, heads: dict[int, int], uid: int | None, last_cursor: int) -> None:
         if uid is not None and heads.get(uid) != last_cursor:

@@ -387,13 +387,12 @@ class Store:
         if self._lock_fd < 0:
             self._lock_fd = _layout.hold_lock_file(path, create=True, file_mode=file_mode)
         _layout.write_holder(self._lock_fd)
-        for directory in (wal_dir, lmdb_dir):  # absent only when creation never finished
-            if not os.path.isdir(directory):
-                _layout.make_dir(directory, file_mode)
-                self._fs.fsync_dir(path)
         # Creation order is marker, WAL (first segment durable), LMDB state (forced
-        # durable): an initialised state therefore proves its log existed.
+        # durable): an initialised state therefore proves its log existed.  The
+        # directories are missing only when creation never finished.
+        self._make_dir(wal_dir, file_mode)
         self._wal.start()
+        self._make_dir(lmdb_dir, file_mode)
         self._state = State(lmdb_dir, readonly=False, map_size=map_size, max_map_size=max_map_size, file_mode=file_mode, replica_id=replica_id)
         if self._state.created:
             self._state.sync()
@@ -415,6 +414,11 @@ class Store:
             clock_ms=self._clock,
             dedup_window_ms=self.dedup_window_ms,
         )
+
+    def _make_dir(self, directory: str, file_mode: int) -> None:
+        if not os.path.isdir(directory):
+            _layout.make_dir(directory, file_mode)
+            self._fs.fsync_dir(self.path)
 
     def _probe_state(self, lmdb_dir: str, map_size: int, max_map_size: int | None) -> State | None:
         """The LMDB state opened read-only and lock-free (writing nothing), or None if it was never initialised.
