@@ -134,7 +134,8 @@ class WriteAheadLog:
         self._torn: tuple[str, int, int] | None = None  # (path, offset, bytes) to truncate
         self._incomplete: tuple[str, int] | None = None  # (path, bytes) of a half-created segment to remove
         self._next_lsn = 1
-        self._found: list[str] = []  # what recovery found, for its error messages
+        self._listing: list[str] = []  # the WAL directory's entries, and what recovery found in each
+        self._found: dict[str, str] = {}
         self._unsynced = True  # recovered frames may not be durable yet
 
     # --- opening and recovery -------------------------------------------------
@@ -187,6 +188,10 @@ class WriteAheadLog:
         wal = cls(directory, fs, segment_bytes, sync_writes, file_mode)
         try:
             wal._recover(next_lsn, existing)
+        except CorruptionError as error:
+            # Whatever the damage, say what the state needs and what is there: the
+            # operator restoring files needs both.
+            raise CorruptionError(f"{error.message}; {wal._evidence()}", path=error.path, offset=error.offset, key=error.key, hint=error.hint) from None
         except PermissionError as error:
             raise permission_denied(error, "read access (write access too, for a writer)") from error
         except OSError as error:
@@ -203,12 +208,15 @@ class WriteAheadLog:
             entries = sorted(self._fs.listdir(self.directory))
         except FileNotFoundError:
             entries = []
+            self._found[""] = "nothing: the directory does not exist"
         names = [n for n in entries if _is_segment_name(n)]
         strays = [n for n in entries if not _is_segment_name(n)]
-        self._found = [f"{n} (not a segment name)" for n in strays]
+        self._listing = entries
+        self._found.update({n: f"{n} (not a segment name)" for n in strays})
         if strays:
-            raise self._missing_evidence(
+            raise CorruptionError(
                 f"unexpected entries in the WAL directory ({', '.join(strays)}): a misnamed or foreign file may be part of the log",
+                path=self.directory,
                 hint="move the named entries out of the WAL directory (or rename a segment back to wal-<first LSN:020d>.log), then open again",
             )
         incomplete = None
@@ -219,11 +227,13 @@ class WriteAheadLog:
                 # A segment whose header never became durable: a crash while creating it -- or
                 # a segment that was cut or zeroed, which the checks below must tell apart.
                 incomplete = (path, len(data), _segment_lsn(names[-1]))
-                names.pop()
+                zeros = "all zeros, " if data else ""
+                self._found[names.pop()] = f"{os.path.basename(path)} ({zeros}{len(data)} bytes: no valid header)"
         for index, name in enumerate(names):
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
             data = self._fs.read_file(path)
+            self._found[name] = f"{name} ({len(data)} bytes, bad header)"
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
                 raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
@@ -231,48 +241,47 @@ class WriteAheadLog:
             if first_lsn != expected:
                 raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
             segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
+            self._found[name] = f"{name} (LSNs from {first_lsn}, damaged)"
             self._scan(segment, data, is_last)
             self._segments.append(segment)
-            self._found.append(f"{name} (LSNs {first_lsn}..{segment.last_lsn})" if segment.last_lsn >= first_lsn else f"{name} (no frames)")
+            self._found[name] = f"{name} (LSNs {first_lsn}..{segment.last_lsn})" if segment.last_lsn >= first_lsn else f"{name} (no frames)"
         if incomplete is not None:
             path, size, lsn = incomplete
-            self._found.append(f"{os.path.basename(path)} ({'all zeros, ' if size else ''}{size} bytes: no valid header)")
             if self._segments:
                 # Legitimate only as a crash during rotation: the previous segment was
                 # fdatasynced before this one was created, so it must end just before it.
                 if lsn != self.end_lsn + 1:
-                    raise self._missing_evidence(
+                    raise CorruptionError(
                         f"the last WAL segment has no valid header and does not follow the segment before it (which ends at LSN {self.end_lsn})",
                         path=path,
                     )
             elif existing or lsn != next_lsn:
                 # The state was initialised after the first segment was durable: if that
                 # segment is now short or zero, records may have been lost with it.
-                raise self._missing_evidence("the only WAL segment has no valid header (cut short or zeroed)", path=path)
+                raise CorruptionError("the only WAL segment has no valid header (cut short or zeroed)", path=path)
         if not self._segments:
             if existing:
-                raise self._missing_evidence("the WAL holds no segment", path=self.directory)
+                raise CorruptionError("the WAL holds no segment", path=self.directory)
         else:
             first = self._segments[0]
             if first.first_lsn > next_lsn:
-                raise self._missing_evidence(f"the WAL starts at LSN {first.first_lsn}, after LSN {next_lsn}", path=first.path, offset=0)
+                raise CorruptionError(f"the WAL starts at LSN {first.first_lsn}, after LSN {next_lsn}", path=first.path, offset=0)
             if self.end_lsn < next_lsn - 1:
-                raise self._missing_evidence(
+                raise CorruptionError(
                     f"the WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
                     path=self._segments[-1].path,
                     hint="the log was truncated or replaced; restore it from a backup or replica",
                 )
         self._incomplete = None if incomplete is None else incomplete[:2]
 
-    def _missing_evidence(self, problem: str, *, path: str | None = None, offset: int | None = None, hint: str | None = None) -> CorruptionError:
-        """A CorruptionError naming what the state needs and what the WAL directory holds."""
-        found = "; ".join(self._found) if self._found else "nothing"
-        return CorruptionError(
-            f"{problem}; the state needs WAL records from LSN {self._next_lsn} on (applied LSN {self._next_lsn - 1}); "
-            f"{self.directory} holds: {found}",
-            path=path or self.directory,
-            offset=offset,
-            hint=hint,
+    def _evidence(self) -> str:
+        """What the state needs and what the WAL directory holds, for recovery's errors."""
+        found = [self._found.get(name, name) for name in self._listing] or ([self._found[""]] if "" in self._found else [])
+        if len(found) > 12:
+            found = found[:12] + [f"... and {len(found) - 12} more"]
+        return (
+            f"the state needs WAL records from LSN {self._next_lsn} on (applied LSN {self._next_lsn - 1}); "
+            f"{self.directory} holds: {'; '.join(found) if found else 'nothing'}"
         )
 
     def start(self) -> None:
