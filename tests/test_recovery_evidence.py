@@ -23,10 +23,9 @@ import pytest
 import syncstore
 from syncstore import CorruptionError, Message, _codec
 from syncstore._codec import Deliver
-from syncstore._ids import MessageIds
 from syncstore.wal import WriteAheadLog, segment_name
 
-from _tree import read_bytes, segments, tree_digest, write_bytes
+from _tree import deliver_records, frame_lsns, read_bytes, segments, tree_digest, write_bytes, write_log
 
 SEGMENT = 4096
 RECORDS = 40
@@ -34,21 +33,11 @@ USER = 9
 
 
 def _records(count: int) -> list[Deliver]:
-    ids = MessageIds(0, lambda: 1_700_000_000_000)
-    return [
-        Deliver(ids.next(), 1, 1, i, 1_700_000_000_000, 0, bytes((i * 7 + k) % 251 + 1 for k in range(300)), ((USER, i),))
-        for i in range(1, count + 1)
-    ]
+    return deliver_records(count, USER)
 
 
 def _write_log(wal_dir: str, records: list[Deliver], first_lsn: int = 1) -> None:
-    """Write ``records`` as the log from ``first_lsn`` on (one sync per frame, as "sync" mode would)."""
-    os.makedirs(wal_dir, exist_ok=True)
-    wal = WriteAheadLog.open(wal_dir, next_lsn=first_lsn, segment_bytes=SEGMENT)
-    for lsn, record in enumerate(records, first_lsn):
-        wal.append(_codec.encode_deliver_frame(lsn, lsn - 1, record), lsn, lsn)
-        wal.sync()
-    wal.close()
+    write_log(wal_dir, records, first_lsn, SEGMENT)
 
 
 @pytest.fixture
@@ -78,12 +67,7 @@ def applied(unapplied):
 
 def _lsns(path: str) -> tuple[int, int]:
     """(first, last) LSN of the frames in a segment file."""
-    data = read_bytes(path)
-    first = _codec.decode_segment_header(data)
-    offset, last = _codec.SEGMENT_HEADER_SIZE, first - 1
-    while (frame := _codec.decode_frame(data, offset)) is not None:
-        offset, last = frame.end, frame.lsn
-    return first, last
+    return frame_lsns(path)[:2]
 
 
 def _refused(path: str, needed_from: int) -> CorruptionError:
