@@ -474,6 +474,14 @@ def hold_lock_file(store: str, *, create: bool, file_mode: int = DEFAULT_FILE_MO
                 hint="close them first: without LMDB reader slots a writer could overwrite the pages they read",
             ) from None
         holder = _holder(store, "unknown")
+        if shared:
+            raise StoreLocked(
+                f"a writer holds the store ({holder}), and this read-only view cannot take an LMDB reader slot "
+                f"(no write access to {os.path.join(store, STATE_DIR, 'lock.mdb')})",
+                path=path,
+                holder=holder,
+                hint="give this user write access to the lock file (file_mode=0o660 and its group), or read while no writer runs",
+            ) from None
         raise StoreLocked(f"another writer holds the store: {holder}", path=path, holder=holder) from None
     except BaseException:
         os.close(fd)
