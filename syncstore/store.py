@@ -13,6 +13,7 @@ once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -484,17 +485,19 @@ class Store:
             raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
         self._epoch = marker.epoch
 
-    def _check_replay(self, probe: State | None, applied: int) -> list[Deliver] | None:
+    def _check_replay(self, probe: State | None, applied: int) -> list[Deliver]:
         """Decode every WAL record after ``applied`` and check it continues the state; apply nothing.
 
         A CRC-valid record whose cursors do not densely continue its
         recipients' heads cannot have been written by this store: it is
-        reported as corruption (file and offset).  Returns the decoded
-        records for :meth:`_replay`, or None when there were too many to keep.
+        reported as corruption (file and offset).  Returns the first decoded
+        records (up to :data:`_REPLAY_KEEP_RECORDS` / ``_BYTES``) for
+        :meth:`_replay`, which decodes any after them again.
         """
         assert self._wal is not None
         wal = self._wal
-        records: list[Deliver] | None = []
+        records: list[Deliver] = []
+        keep = True
         kept_bytes = 0
         heads: dict[int, int] = {}  # users' heads as of the records checked so far
         txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
@@ -510,25 +513,27 @@ class Store:
                             offset=frame.offset,
                         )
                     heads[uid] = cursor
-                if records is not None:
+                if keep:
                     records.append(record)
                     kept_bytes += len(record.body)
-                    if len(records) > _REPLAY_KEEP_RECORDS or kept_bytes > _REPLAY_KEEP_BYTES:
-                        records = None
+                    keep = len(records) < _REPLAY_KEEP_RECORDS and kept_bytes < _REPLAY_KEEP_BYTES
         finally:
             if txn is not None:
                 txn.abort()
         return records
 
-    def _replay(self, applied: int, records: list[Deliver] | None) -> None:
+    def _replay(self, applied: int, records: list[Deliver]) -> None:
         """Apply the validated WAL records after ``applied`` to LMDB, in batches.
 
-        ``records`` are those :meth:`_check_replay` decoded and checked (None:
-        decode them again from the log, which recovery has not changed since).
+        ``records`` are the first of them, as :meth:`_check_replay` decoded
+        and checked them; any after those are decoded again from the log
+        (which recovery has not changed since, except for cutting a torn tail
+        that lies beyond them).
         """
         assert self._wal is not None and self._state is not None
         wal, state = self._wal, self._state
-        source = records if records is not None else (_decode_record(frame, wal) for frame in wal.frames(applied))
+        rest = (_decode_record(frame, wal) for frame in wal.frames(applied + len(records)))
+        source = itertools.chain(records, rest)
         batch: list[Deliver] = []
         last = applied
         for record in source:  # LSNs are dense: the k-th record after `applied` has LSN applied + k

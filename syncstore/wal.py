@@ -220,19 +220,21 @@ class WriteAheadLog:
                 hint="move the named entries out of the WAL directory (or rename a segment back to wal-<first LSN:020d>.log), then open again",
             )
         incomplete = None
+        last_data = None  # the newest segment, read once
         if names:
             path = os.path.join(self.directory, names[-1])
-            data = self._fs.read_file(path)
+            data = last_data = self._fs.read_file(path)
             if len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data):
                 # A segment whose header never became durable: a crash while creating it -- or
                 # a segment that was cut or zeroed, which the checks below must tell apart.
                 incomplete = (path, len(data), _segment_lsn(names[-1]))
+                last_data = None
                 zeros = "all zeros, " if data else ""
                 self._found[names.pop()] = f"{os.path.basename(path)} ({zeros}{len(data)} bytes: no valid header)"
         for index, name in enumerate(names):
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
-            data = self._fs.read_file(path)
+            data = last_data if is_last and last_data is not None else self._fs.read_file(path)
             self._found[name] = f"{name} ({len(data)} bytes, bad header)"
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
