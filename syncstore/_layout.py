@@ -87,6 +87,8 @@ __all__ = [
     "hold_lock_file",
     "write_holder",
     "permission_denied",
+    "is_empty_dir",
+    "LOST_FOUND",
 ]
 
 log = logging.getLogger("syncstore.layout")
@@ -341,14 +343,16 @@ def inspect(path: str) -> Found:
     for name, want_dir in ((MARKER, False), (LOCK_FILE, False), (WAL_DIR, True), (STATE_DIR, True)):
         if name in names:
             entry = os.path.join(path, name)
-            is_dir = os.path.isdir(entry) and not os.path.islink(entry)
+            is_dir = os.path.isdir(entry)  # a symlink to a directory (the WAL on another disk) is fine
             if want_dir and not is_dir:
                 raise LayoutError(f"{entry} is not a directory: a store keeps its {'write-ahead log' if name == WAL_DIR else 'LMDB state'} there", path=entry)
             if not want_dir and not os.path.isfile(entry):
                 raise LayoutError(f"{entry} is not a regular file", path=entry)
     if MARKER in names:
         return Found("store", temp)
-    if not names:
+    if not names or all(name in (WAL_DIR, STATE_DIR) and is_empty_dir(os.path.join(path, name)) for name in names):
+        # Empty -- or holding only empty wal/ and state/ directories: mount points
+        # prepared for a new store (the WAL on its own disk).
         return Found("empty", temp)
     if _looks_legacy(path, names):
         return Found("legacy", temp)
@@ -357,6 +361,17 @@ def inspect(path: str) -> Found:
         f"{path} is not empty and is not a syncstore store (no {MARKER} marker; it holds: {shown})",
         path=path,
     )
+
+
+LOST_FOUND = "lost+found"  # what mkfs puts at the root of a volume mounted as wal/ or state/
+
+
+def is_empty_dir(path: str) -> bool:
+    """True for a directory holding nothing (or only the ``lost+found`` of a volume mounted there)."""
+    try:
+        return all(name == LOST_FOUND and os.path.isdir(os.path.join(path, name)) for name in os.listdir(path))
+    except PermissionError as error:
+        raise permission_denied(error, "read and search (r-x) access") from None
 
 
 def _looks_legacy(path: str, names: set[str]) -> bool:

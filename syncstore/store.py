@@ -325,7 +325,11 @@ class Store:
         never initialised does (``_open_existing``), so a crash anywhere in
         creation is finished by the next open.
         """
-        os.chmod(self.path, _layout.dir_mode(file_mode))  # whatever the umask, or the mode of an empty directory we were given
+        # Private whatever the umask, or the mode of the empty directory (and the empty
+        # wal/ and state/ mount points) we were given.
+        for directory in (self.path, os.path.join(self.path, _layout.WAL_DIR), state_dir(self.path)):
+            if os.path.isdir(directory):
+                os.chmod(directory, _layout.dir_mode(file_mode))
         marker = Marker(replica_id, _layout.new_epoch())
         _layout.write_marker(self.path, marker, file_mode, self._fs)
         log.info("created store %s (replica %d, epoch %d)", self.path, replica_id, marker.epoch)

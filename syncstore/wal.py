@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from . import _codec
 from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
-from ._layout import DEFAULT_FILE_MODE, create_file, permission_denied
+from ._layout import DEFAULT_FILE_MODE, LOST_FOUND, create_file, permission_denied
 from .errors import CorruptionError, DurabilityError, StoreFull
 
 __all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
@@ -209,6 +209,8 @@ class WriteAheadLog:
         except FileNotFoundError:
             entries = []
             self._found[""] = "nothing: the directory does not exist"
+        # The lost+found of a volume mounted as the WAL directory is not part of the log.
+        entries = [n for n in entries if not (n == LOST_FOUND and os.path.isdir(os.path.join(self.directory, n)))]
         names = [n for n in entries if _is_segment_name(n)]
         strays = [n for n in entries if not _is_segment_name(n)]
         self._listing = entries

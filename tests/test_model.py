@@ -162,6 +162,10 @@ class StoreMachine(RuleBasedStateMachine):
         inbox = self.inbox[user]
         since = data.draw(st.integers(0, len(inbox) + 2), label="since")
         page = self.store.sync(user, since=since, limit=limit)
+        if since > len(inbox):  # issue 7: a cursor beyond the head gets a reset page, resync from 0
+            assert (page.reset, page.reset_reason, len(page.messages), page.next, page.has_more) == (True, "ahead", 0, 0, bool(inbox))
+            return
+        assert not page.reset
         expected = [m for m in inbox if m.cursor > since][:limit]
         assert list(page.messages) == expected
         assert page.next == (expected[-1].cursor if expected else since)

@@ -412,3 +412,42 @@ def test_empty_generator_names_the_problem(store):
     with pytest.raises(InvalidArgument) as info:
         store.deliver(msg(1), to=(u for u in []))
     assert "at least one recipient" in str(info.value)
+
+
+# --- the WAL (or state) on its own volume -----------------------------------------------------------
+
+
+def test_empty_wal_and_state_mount_points_count_as_an_empty_directory(tmp_path):
+    path = tmp_path / "s"
+    (path / "wal" / "lost+found").mkdir(parents=True)  # a freshly made file system mounted there
+    (path / "state").mkdir()
+    with syncstore.open(str(path), create=True) as store:
+        assert store.deliver(msg(1), to=[1]).cursors == {1: 1}
+    with syncstore.open(str(path)) as store:  # lost+found is not part of the log
+        assert store.head(1) == 1
+    assert os.path.isdir(path / "wal" / "lost+found")
+    with pytest.raises(StoreNotFound):
+        other = tmp_path / "o"
+        (other / "wal").mkdir(parents=True)
+        syncstore.open(str(other), create=False)
+
+
+def test_wal_directory_may_be_a_symlink_to_another_disk(tmp_path):
+    disk = tmp_path / "fast-disk" / "wal"
+    disk.mkdir(parents=True)
+    path = tmp_path / "s"
+    path.mkdir()
+    os.symlink(disk, path / "wal")
+    with syncstore.open(str(path)) as store:
+        store.deliver(msg(1), to=[1])
+    assert any(name.startswith("wal-") for name in os.listdir(disk))
+    with syncstore.open(str(path)) as store:
+        assert store.head(1) == 1
+
+
+def test_a_wal_directory_with_a_file_is_not_an_empty_store(tmp_path):
+    path = tmp_path / "s"
+    (path / "wal").mkdir(parents=True)
+    (path / "wal" / "something").write_bytes(b"?")
+    with pytest.raises(LayoutError):
+        syncstore.open(str(path))
