@@ -387,37 +387,37 @@ def _looks_legacy(path: str, names: set[str]) -> bool:
 
 
 def check_access(store: str, *, write: bool) -> None:
-    """Raise :class:`PermissionDenied` naming the first entry of the store this process cannot use.
+    """Raise :class:`PermissionDenied` naming the first entry of the store this process cannot use as it must.
 
-    A writer needs read and write access to every file and read, write and
-    search access to every directory; a read-only view needs read (and
-    search) access.  Checked up front so that an open refused for lack of
-    access has changed nothing.
+    A writer needs read, write and search access to the store directory,
+    ``wal/`` and ``state/``, read and write access to every segment, ``LOCK``
+    and LMDB's files, and read access to the marker.  A read-only view needs
+    read and search access to the store directory and ``state/`` and read
+    access to the marker and ``data.mdb`` (``lock.mdb`` decides between a
+    reader slot and the lock-free mode).  Checked up front, so that an open
+    refused for lack of access has changed nothing.
     """
-    file_need = os.R_OK | (os.W_OK if write else 0)
-    dir_need = file_need | os.X_OK
-    words = "read and write" if write else "read"
-    for directory in (store, os.path.join(store, WAL_DIR), os.path.join(store, STATE_DIR)):
-        if not os.path.isdir(directory):
+    rw, r = os.R_OK | os.W_OK, os.R_OK
+    wal, lmdb_dir = os.path.join(store, WAL_DIR), os.path.join(store, STATE_DIR)
+    needs: list[tuple[str, int]] = [(store, (rw if write else r) | os.X_OK), (os.path.join(store, MARKER), r)]
+    if write:
+        needs += [(os.path.join(store, LOCK_FILE), rw), (wal, rw | os.X_OK)]
+        if os.access(wal, os.R_OK | os.X_OK):
+            needs += [(os.path.join(wal, name), rw) for name in sorted(os.listdir(wal)) if _is_segment_name(name)]
+    needs += [(lmdb_dir, (rw if write else r) | os.X_OK), (os.path.join(lmdb_dir, "data.mdb"), rw if write else r)]
+    if write:
+        needs.append((os.path.join(lmdb_dir, "lock.mdb"), rw))
+    for path, need in needs:
+        if not os.path.lexists(path) or os.access(path, need):
             continue
-        if not os.access(directory, dir_need):
-            raise PermissionDenied(
-                f"permission denied: directory {directory} needs {words} and search access (running as uid {os.geteuid()}, "
-                f"it is owned by uid {os.stat(directory).st_uid}, mode {stat.S_IMODE(os.stat(directory).st_mode):04o})",
-                path=directory,
-            )
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                continue
-            need = os.R_OK if name == MARKER or (not write and name in (LOCK_FILE, "lock.mdb")) else file_need
-            if not os.access(path, need):
-                wanted = "read" if need == os.R_OK else words
-                raise PermissionDenied(
-                    f"permission denied: {path} needs {wanted} access (running as uid {os.geteuid()}, "
-                    f"it is owned by uid {os.stat(path).st_uid}, mode {stat.S_IMODE(os.stat(path).st_mode):04o})",
-                    path=path,
-                )
+        info = os.stat(path)
+        words = {r: "read", rw: "read and write"}[need & rw]
+        kind = "directory" if stat.S_ISDIR(info.st_mode) else "file"
+        raise PermissionDenied(
+            f"permission denied: {kind} {path} needs {words}{' and search' if need & os.X_OK else ''} access "
+            f"(running as uid {os.geteuid()}; it is owned by uid {info.st_uid}, gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o})",
+            path=path,
+        )
 
 
 # --- locks ------------------------------------------------------------------------------
@@ -434,6 +434,8 @@ def lock_directory(store: str, *, shared: bool = False) -> int:
         fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
     except PermissionError as error:
         raise permission_denied(error, "read and search (r-x) access") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreNotFound(f"no store at {store}", path=store) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -254,3 +254,13 @@ def test_read_only_view_with_write_access_to_the_lock_file_reads_beside_the_writ
             assert read_event(view) == {"event": "closed"}
         finally:
             view.communicate(timeout=120)
+
+
+def test_read_only_view_needs_no_access_to_the_wal(shared_tmp):
+    user = nobody()
+    path = _group_readable_store(shared_tmp, user, 0o640)
+    os.chmod(os.path.join(path, "wal"), 0o700)  # root's alone
+    (result,) = run_as(user.pw_uid, user.pw_gid, OPEN, path, "ro")
+    assert result == {"opened": True, "head": 5}
+    (result,) = run_as(user.pw_uid, user.pw_gid, OPEN, path, "rw")
+    assert result["error"] == "PermissionDenied" and result["path"] == os.path.join(path, "wal")

@@ -145,6 +145,8 @@ def test_renew_epoch_refuses_an_open_store_and_rewrites_the_marker_atomically(tm
 def test_renew_epoch_of_a_directory_that_is_not_a_store(tmp_path):
     with pytest.raises(syncstore.StoreNotFound):
         renew_epoch(str(tmp_path))
+    with pytest.raises(syncstore.StoreNotFound):
+        renew_epoch(str(tmp_path / "missing"))
 
 
 def test_client_protocol_over_many_restores(tmp_path):
