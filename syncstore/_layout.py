@@ -44,7 +44,6 @@ created: a refused open leaves the directory as it found it.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import logging
 import os
@@ -519,7 +518,3 @@ def write_holder(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} cmd={' '.join(sys.argv)[:200]}\n".encode(), 0)
 
-
-def is_permission_error(error: BaseException) -> bool:
-    """True for EACCES/EPERM (and EROFS: a read-only file system is also 'may not write')."""
-    return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -509,7 +509,7 @@ class Store:
             for frame in wal.frames(applied):
                 record = _decode_record(frame, wal)
                 for uid, cursor in record.pairs:
-                    head = heads[uid] if uid in heads else (probe.head(txn, uid) if probe is not None else 0)
+                    head = heads[uid] if uid in heads else (probe.head(txn, uid) if probe is not None and txn is not None else 0)
                     if cursor != head + 1:
                         raise CorruptionError(
                             f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",

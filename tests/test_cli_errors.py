@@ -8,9 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-import syncstore
 from syncstore import _demo
 from syncstore.cli import ProgressLine, main
 

@@ -13,13 +13,13 @@ import types
 import pytest
 
 import syncstore
-from syncstore import CorruptionError, InvalidArgument, LayoutError, Message, StoreLocked, StoreNotFound, SyncStoreError
+from syncstore import InvalidArgument, LayoutError, Message, StoreLocked, StoreNotFound, SyncStoreError
 from syncstore._fileio import FileSystem
 from syncstore._layout import MARKER, MARKER_SIZE, MARKER_TEMP, decode_marker, encode_marker, Marker
 from syncstore.state import State
 from syncstore.wal import segment_name
 
-from _tree import read_bytes, segments, tree_digest, write_bytes
+from _tree import read_bytes, tree_digest, write_bytes
 
 LEGACY = os.path.join(os.path.dirname(__file__), "data", "legacy-stores-38dff88.tar.gz")
 
