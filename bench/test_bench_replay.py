@@ -39,6 +39,7 @@ def test_wal_replay_on_open(benchmark, scale, fresh_dir):
     def setup():
         target = fresh_dir("replay")
         shutil.copytree(wal, os.path.join(target, "wal"))
+        shutil.copy2(os.path.join(source, "SYNCSTORE"), target)  # a store is a directory with its marker (issue 7)
         replayed.append(target)
         return (target,), {}
 

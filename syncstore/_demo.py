@@ -397,6 +397,8 @@ def _verify(run: _Run, store: _store.Store) -> int:
 def _prepare_path(path: str | None) -> tuple[str, bool]:
     if path is None:
         return tempfile.mkdtemp(prefix="syncstore-demo-"), True
+    if path == "":
+        raise InvalidArgument("the store path is empty", key="path", hint="pass a new or empty directory, or leave out --path to use a temporary one")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise InvalidArgument(
             f"{path} exists and is not an empty directory",
@@ -450,8 +452,8 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             except CorruptionError as error:
                 run.fail(f"store.check(): {error}")
                 check = {}
-        if check and check.get("messages") != sum(len(s.to) for s in run.plan.sends):
-            run.fail(f"store.check() counts {check.get('messages')} inbox entries, expected {sum(len(s.to) for s in run.plan.sends)}")
+        if check and check.get("inbox_entries") != sum(len(s.to) for s in run.plan.sends):
+            run.fail(f"store.check() counts {check.get('inbox_entries')} inbox entries, expected {sum(len(s.to) for s in run.plan.sends)}")
         if check and check.get("dedup_entries") != len(run.plan.sends):
             run.fail(f"store.check() counts {check.get('dedup_entries')} dedup entries, expected {len(run.plan.sends)}")
     finally:
@@ -505,7 +507,7 @@ def format_report(result: DemoResult) -> str:
     ]
     if result.check:
         lines.append(
-            f"  store.check()  {result.check['users']:,} users, {result.check['messages']:,} inbox entries,"
+            f"  store.check()  {result.check['users']:,} users, {result.check['inbox_entries']:,} inbox entries,"
             f" {result.check['dedup_entries']:,} dedup entries"
         )
     if result.ok:

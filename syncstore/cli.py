@@ -2,8 +2,9 @@
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` registered in
 :func:`build_parser`; new command groups (``archive ...``) add a subparser
-there.  Exit codes: 0 success, 1 failure (a :class:`SyncStoreError`, or the
-demo's verification failed), 2 bad arguments, 130 interrupted.
+there.  Exit codes: 0 success, 1 failure (a :class:`SyncStoreError` or an
+``OSError``, printed as one line ``syncstore: error: ...``; or the demo's
+verification failed), 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ example:
 
 
 class ProgressLine:
-    """Draws :class:`Progress` snapshots as one updating line (``\\r``) on ``stream``.
+    """Draws :class:`Progress` snapshots on ``stream``.
 
-    On a terminal it redraws every snapshot; otherwise (a log file, CI) at
-    most once a second, so logs stay short.
+    On a terminal: one line, redrawn in place (``\\r``) at every snapshot.
+    Otherwise (a log file, CI): plain lines, at most one a second (and one per
+    phase), with no ``\\r`` that a log viewer would show as garbage.
     """
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.interval = 0.0 if stream.isatty() else 1.0
+        isatty = getattr(stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
+        self.interval = 0.0 if self.terminal else 1.0
         self._width = 0
         self._last = 0.0
         self._phase = ""
@@ -65,12 +69,16 @@ class ProgressLine:
                 text += f"  {progress.rate:>8,.0f} {progress.unit}/s"
         else:
             text = f"{progress.phase} ..."
+        if not self.terminal:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            return
         self.stream.write("\r" + text.ljust(self._width))
         self.stream.flush()
         self._width = max(self._width, len(text))
 
     def close(self) -> None:
-        """Erase the line."""
+        """Erase the line (on a terminal)."""
         if self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
@@ -146,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except SyncStoreError as error:
         print(f"syncstore: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as error:  # e.g. a --path the user may not create: one line, no traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"syncstore: error: {error.strerror or error}{where}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("syncstore: interrupted", file=sys.stderr)

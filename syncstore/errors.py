@@ -14,6 +14,9 @@ from __future__ import annotations
 __all__ = [
     "SyncStoreError",
     "InvalidArgument",
+    "StoreNotFound",
+    "LayoutError",
+    "PermissionDenied",
     "StoreLocked",
     "StoreClosed",
     "ReadOnlyStore",
@@ -74,6 +77,36 @@ class InvalidArgument(SyncStoreError, ValueError):
     """
 
     default_hint = "nothing was written; fix the argument and retry"
+
+
+class StoreNotFound(SyncStoreError):
+    """There is no store at the path (``open(create=False)``, or ``readonly=True``).
+
+    Nothing was created.  A mistyped path or an unmounted volume shows up
+    here instead of as a fresh, empty store.
+    """
+
+    default_hint = "check the path (and that its volume is mounted); open(path, create=True) creates a new store"
+
+
+class LayoutError(SyncStoreError):
+    """The path is not laid out as a store: a non-empty directory without the
+    store marker, or a store entry of the wrong kind (a plain file named
+    ``wal``).  ``path`` names the offending entry; nothing was changed.
+    """
+
+    default_hint = "pass the store's own directory, or a new or empty one to create a store; nothing was changed"
+
+
+class PermissionDenied(SyncStoreError):
+    """The process may not access a file or directory of the store as it must.
+
+    The message names the path and the access needed (a writer needs read and
+    write access to every file and directory of the store; a read-only view
+    needs read access, see docs/reliability.md).  Nothing was changed.
+    """
+
+    default_hint = "run as the store's owner or fix the permissions (docs/reliability.md, Security); nothing was changed"
 
 
 class StoreLocked(SyncStoreError):

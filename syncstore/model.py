@@ -14,7 +14,7 @@ from typing import NamedTuple, overload
 from ._codec import INBOX_HEAD_SIZE, Deliver, unpack_inbox_head
 from .errors import InvalidArgument
 
-__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MAX_U64", "check_u64"]
+__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
 
 MAX_U64 = (1 << 64) - 1
 
@@ -157,14 +157,35 @@ class Messages(Sequence[StoredMessage]):
         return f"Messages({list(self)!r})"
 
 
+#: Why a page is a reset page (``Page.reset_reason``).
+RESET_AHEAD = "ahead"  # since > the user's head: the store was rewound (restored) under the client
+RESET_EPOCH = "epoch"  # the client's epoch is not the store's: another history (a restore, another store)
+RESET_REASONS = (RESET_AHEAD, RESET_EPOCH)
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a user's inbox, from ``sync``.
 
     ``messages`` are in ascending cursor order; pass ``next`` as ``since`` to
     get the following page; ``has_more`` says whether there is one.
+    ``epoch`` is the store's epoch (random, made when the store was created,
+    changed by anything that rewinds its history): a client keeps
+    ``(epoch, cursor)`` and passes its epoch back to ``sync``.
+
+    A *reset page* (``reset`` True) says the client's position is not in this
+    store's history -- ``reset_reason`` is ``"ahead"`` (``since`` is beyond the
+    user's head: the store was rewound) or ``"epoch"`` (the epoch passed to
+    ``sync`` is not the store's).  It holds no messages and ``next`` is where
+    to resync from (0: the client discards what it holds for this user and
+    reads the inbox again); ``has_more`` says whether there is anything to
+    read.  The client protocol is in docs/design.md ("Cursors, epochs and
+    reset pages").
     """
 
     messages: Messages
     next: int
     has_more: bool
+    reset: bool = False
+    reset_reason: str | None = None
+    epoch: int = 0

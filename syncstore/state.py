@@ -28,13 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
 from . import _codec
 from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
-from .errors import CorruptionError, DurabilityError, ReadersFull, StoreClosed, StoreFull, SyncStoreError
+from ._layout import DEFAULT_FILE_MODE
+from .errors import CorruptionError, DurabilityError, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "inbox_key", "state_dir"]
@@ -47,6 +48,7 @@ _APPLIED = b"applied_lsn"
 _LAST_ID = b"last_msg_id"
 _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
+_FILES = ("data.mdb", "lock.mdb")
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
 STATE_FORMAT = 1
@@ -170,19 +172,43 @@ class State:
     """The LMDB environment holding inboxes, heads, the dedup index and metadata."""
 
     def __init__(
-        self, path: str, *, readonly: bool, map_size: int, max_map_size: int | None = None, max_readers: int = DEFAULT_MAX_READERS
+        self,
+        path: str,
+        *,
+        readonly: bool,
+        map_size: int,
+        max_map_size: int | None = None,
+        lock: bool = True,
+        file_mode: int = DEFAULT_FILE_MODE,
+        replica_id: int | None = None,
+        max_readers: int = DEFAULT_MAX_READERS,
     ) -> None:
+        """Open the LMDB environment in directory ``path``.
+
+        Writable: creates and initialises it when needed -- the named
+        databases, the format key and ``replica_id`` in one transaction
+        (``created`` is then True, and the caller forces it durable with
+        :meth:`sync`) -- and gives the files it creates ``file_mode``
+        whatever the umask.  Read-only: an environment that was never
+        initialised (no format key) opens with ``initialised = False`` and no
+        databases.  ``lock=False`` (read-only only) opens without LMDB's lock
+        file, writing nothing at all: no reader slot protects the pages read,
+        so the caller must make sure that no writer runs meanwhile.
+        ``max_readers`` is the size of LMDB's reader table.
+        """
         self.path = path
         self.readonly = readonly
         self.max_map_size = max_map_size
         self.max_readers = max_readers
         self.gate = _Gate(path)
+        self.initialised = True
+        self.created = False
+        self._lock = lock
+        self._file_mode = file_mode
         self._reopen_needed = False
-        self._open_env(map_size)
-        if not readonly:
-            with self.env.begin(write=True, db=self.meta) as txn:
-                if txn.get(_FORMAT) is None:
-                    txn.put(_FORMAT, pack_u64(STATE_FORMAT))
+        self._open_env(map_size, replica_id)
+        if not self.initialised:
+            return
         with self.read() as txn:
             stored = txn.get(_FORMAT, db=self.meta)
         if stored is not None and unpack_u64(stored) != STATE_FORMAT:
@@ -190,20 +216,29 @@ class State:
                 f"LMDB state format {unpack_u64(stored)} is not supported", path=path, hint="open it with the syncstore version that wrote it"
             )
 
-    def _open_env(self, map_size: int) -> None:
-        path, readonly = self.path, self.readonly
+    def _open_env(self, map_size: int, replica_id: int | None = None) -> None:
+        path, readonly, lock, file_mode = self.path, self.readonly, self._lock, self._file_mode
+        new_files = [] if readonly else [f for f in _FILES if not os.path.exists(os.path.join(path, f))]
         try:
             self.env = lmdb.open(
                 path,
                 map_size=map_size,
                 max_dbs=len(_DB_NAMES),
                 readonly=readonly,
+                lock=lock,
                 sync=True,
                 metasync=False,
                 readahead=False,  # point reads and short scans; readahead only pollutes RAM
                 max_readers=self.max_readers,
                 create=not readonly,
+                mode=file_mode,
             )
+        except lmdb.ReadonlyError as error:  # EACCES: LMDB's name for "permission denied"
+            raise PermissionDenied(
+                f"permission denied opening the LMDB state ({error}): {'read' if readonly else 'read and write'} access to "
+                f"{path}, data.mdb{' and lock.mdb' if lock else ''} is needed (running as uid {os.geteuid()})",
+                path=path,
+            ) from error
         except lmdb.InvalidError as error:
             raise CorruptionError(f"the LMDB state is not a valid LMDB environment: {error}", path=path) from error
         except lmdb.Error as error:
@@ -211,18 +246,39 @@ class State:
                 f"cannot open the LMDB state: {error}", path=path, hint="check the path's permissions and free space"
             ) from error
         # Reader slots of dead processes (SIGKILLed readers) would pin pages forever.
-        self.env.reader_check()
+        if lock:
+            self.env.reader_check()
         try:
             if readonly:
-                # Handles opened inside a read-only transaction die with it; open them bare.
-                dbs = [self.env.open_db(name, create=False) for name in _DB_NAMES]
+                dbs = self._open_existing_dbs()
             else:
                 with self.env.begin(write=True) as txn:
                     dbs = [self.env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
+                    if txn.get(_FORMAT, db=dbs[-1]) is None:
+                        txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=dbs[-1])
+                        if replica_id is not None:
+                            txn.put(_REPLICA, pack_u64(replica_id), db=dbs[-1])
+                        self.created = True
         except lmdb.NotFoundError as error:
             self.env.close()
             raise CorruptionError(f"the LMDB state lacks a named database: {error}", path=path) from error
         self.inbox, self.heads, self.dedup, self.dedup_expiry, self.meta = dbs
+        for name in _FILES if self.created else new_files:
+            os.chmod(os.path.join(path, name), file_mode)  # LMDB applies the umask
+
+    def _open_existing_dbs(self) -> list[Any]:
+        """The named databases of a read-only environment; none (``initialised = False``) before its first initialisation."""
+        # Handles opened inside a read-only transaction die with it; open them bare.
+        try:
+            meta = self.env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            meta = None
+        if meta is not None:
+            with self.env.begin() as txn:
+                if txn.get(_FORMAT, db=meta) is not None:
+                    return [self.env.open_db(name, create=False) for name in _DB_NAMES]
+        self.initialised = False
+        return [None] * len(_DB_NAMES)
 
     def reopen(self) -> None:
         """Close and reopen the environment in this process (after a failed commit on a full disk).
@@ -510,7 +566,7 @@ class State:
                 if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=self.dedup_expiry) is None:
                     raise CorruptionError("dedup entry has no expiry index entry", path=self.path, key=(sender, client_seq))
                 dedups += 1
-        return {"users": users, "messages": messages, "dedup_entries": dedups, "applied_lsn": applied}
+        return {"users": users, "inbox_entries": messages, "dedup_entries": dedups, "applied_lsn": applied}
 
     def _check_head(self, heads: dict[int, int], uid: int | None, last_cursor: int) -> None:
         if uid is not None and heads.get(uid) != last_cursor:

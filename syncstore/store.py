@@ -5,32 +5,41 @@ state, WAL) and their recovery on open, and serves reads.  The write path --
 sequencing, group commit, the LMDB applier -- lives in :mod:`syncstore._writer`;
 docs/design.md tells the whole story.
 
-Reads (``sync``, ``head``) merge the LMDB state with the writer's
-acknowledged-but-unapplied records, so every acknowledged write is visible at
-once.
+Reads (``sync``, ``head``) merge the LMDB state with the writer's durable,
+not yet applied records: readers see every durable write at once, and only
+durable writes (in "sync" mode: every acknowledged one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
+import itertools
 import logging
 import os
-import socket
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from . import _codec
+from . import _codec, _layout
 from ._codec import RECORD_DELIVER, Deliver, unpack_inbox_head
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA, MessageIds
+from ._layout import DEFAULT_FILE_MODE, Found, Marker
 from ._writer import Writer
-from .errors import CorruptionError, InvalidArgument, ReadOnlyStore, StoreClosed, StoreLocked, UsedAfterFork
-from .model import MAX_U64, Delivery, Message, Messages, Page, StoredMessage, check_u64
+from .errors import (
+    CorruptionError,
+    InvalidArgument,
+    LayoutError,
+    ReadOnlyStore,
+    StoreClosed,
+    StoreLocked,
+    StoreNotFound,
+    SyncStoreError,
+    UsedAfterFork,
+)
+from .model import MAX_U64, RESET_AHEAD, RESET_EPOCH, Delivery, Message, Messages, Page, StoredMessage, check_u64
 from .state import DEFAULT_MAX_READERS, State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
@@ -48,6 +57,11 @@ MAX_RECIPIENTS = 100_000
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAP_SIZE = 64 << 30
 _REPLAY_BATCH = 20_000
+# Replay validates every record before applying any, keeping the decoded records for
+# the apply up to these bounds (a normal crash leaves at most the writer's 65,536
+# unapplied records); beyond them, the apply decodes the log a second time.
+_REPLAY_KEEP_RECORDS = 65_536
+_REPLAY_KEEP_BYTES = 64 << 20
 
 _open_paths: dict[str, weakref.ref[Store]] = {}
 _open_paths_lock = threading.Lock()
@@ -85,6 +99,7 @@ def _wall_clock_ms() -> int:
 def open(  # noqa: A001 - the public name is the contract
     path: str | os.PathLike[str],
     *,
+    create: bool = True,
     durability: str = "sync",
     readonly: bool = False,
     replica_id: int = 0,
@@ -95,33 +110,58 @@ def open(  # noqa: A001 - the public name is the contract
     max_body_bytes: int = DEFAULT_MAX_BODY,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     max_readers: int = DEFAULT_MAX_READERS,
+    file_mode: int | None = None,
     clock_ms: Callable[[], int] | None = None,
     fs: FileSystem | None = None,
 ) -> Store:
-    """Open (creating if needed) the store in directory ``path``.
+    """Open the store in directory ``path``, creating it if ``create`` (the default).
+
+    A store is a directory holding the ``SYNCSTORE`` marker.  ``create=True``
+    creates one in a missing or empty directory; ``create=False`` raises
+    :class:`StoreNotFound` there instead (a mistyped path or an unmounted
+    volume is then an error, not a fresh store).  A non-empty directory that is
+    not a store is refused (:class:`LayoutError`); a store written before the
+    marker existed opens and gains it.
 
     ``durability`` is one of :data:`DURABILITY_MODES` (trade-offs in
     docs/design.md).  ``readonly=True`` opens for reading while a writer in
     another process runs; it sees what the writer has applied to LMDB (at most
-    one apply interval behind).  ``replica_id`` (0..1023) must be unique per
-    replica and is fixed at creation.  ``map_size`` is the initial LMDB map
-    (virtual address space; the file grows only as used); a full map doubles,
-    up to ``max_map_size`` (None: no limit; equal to ``map_size``: growth
-    disabled, and a full map raises :class:`StoreFull`).  ``dedup_window_ms``
-    (>= the hot window) is how long an idempotency key is remembered.
+    one apply interval behind); on files it may not write it opens in LMDB's
+    lock-free mode, which excludes writers while it is open (docs/reliability.md).
+    ``replica_id`` (0..1023) must be unique per replica and is fixed at
+    creation.  ``map_size`` is the initial LMDB map (virtual address space; the
+    file grows only as used); a full map doubles, up to ``max_map_size`` (None:
+    no limit; equal to ``map_size``: growth disabled, and a full map raises
+    :class:`StoreFull`; smaller than the data already stored: refused).
+    ``hot_window_ms`` is the age after which messages leave the hot LMDB
+    inbox for the monthly archive segments (the archiver uses it; until it
+    runs, every message stays in LMDB); ``dedup_window_ms`` (>= the hot window)
+    is how long an idempotency key is remembered.  ``file_mode`` is the mode
+    of the store's files: 0o600 (the default for a new store: private), or
+    0o640/0o660 to let the files' group read; directories get the matching x
+    bits (0700, 0750).  None keeps an existing store's mode (its marker's).
     ``max_readers`` is the size of LMDB's reader table, shared by every
     process reading the store (one slot per read transaction open at once;
     slots of dead processes are cleared when the table fills up).
-    ``clock_ms`` and ``fs`` are seams for tests and simulations.
+    ``clock_ms`` (called once here to check it returns int milliseconds) and
+    ``fs`` are seams for tests and simulations.
 
-    Raises :class:`StoreLocked` if another writer holds the store,
-    :class:`CorruptionError` if the log or state is damaged,
-    :class:`InvalidArgument` for bad options.
+    Raises :class:`StoreNotFound`, :class:`LayoutError`,
+    :class:`PermissionDenied` (naming the path and the access needed),
+    :class:`StoreLocked` if another writer holds the store,
+    :class:`CorruptionError` if the log or state is damaged or incomplete (the
+    files are then left exactly as they were), :class:`InvalidArgument` for
+    bad options.
     """
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise InvalidArgument(f"path must be a str or os.PathLike naming a directory, got {path!r}", key="path")
+    if os.fspath(path) == "":
+        raise InvalidArgument(
+            "path is empty: it must name the store's directory", key="path", hint='use "." explicitly for the current directory'
+        )
     return Store(
         os.fspath(path),
+        create=create,
         durability=durability,
         readonly=readonly,
         replica_id=replica_id,
@@ -131,10 +171,30 @@ def open(  # noqa: A001 - the public name is the contract
         hot_window_ms=hot_window_ms,
         max_body_bytes=max_body_bytes,
         segment_bytes=segment_bytes,
+        file_mode=file_mode,
         max_readers=max_readers,
         clock_ms=clock_ms,
         fs=fs,
     )
+
+
+def _checked_clock(clock: Callable[[], int]) -> Callable[[], int]:
+    """``clock`` wrapped so that a bad reading is a clear SyncStoreError, never a TypeError deep inside."""
+
+    def checked() -> int:
+        try:
+            value = clock()
+        except Exception as error:
+            raise SyncStoreError(f"clock_ms raised {error!r}", key="clock_ms", hint="fix the clock_ms callable") from error
+        if type(value) is not int or not 0 <= value <= MAX_U64:
+            raise InvalidArgument(
+                f"clock_ms returned {value!r}: it must return an int, milliseconds since the Unix epoch",
+                key="clock_ms",
+                hint="fix the clock_ms callable (e.g. time.time_ns() // 1_000_000)",
+            )
+        return value
+
+    return checked
 
 
 def _check_option_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -150,6 +210,7 @@ class Store:
         self,
         path: str,
         *,
+        create: bool,
         durability: str,
         readonly: bool,
         replica_id: int,
@@ -159,6 +220,7 @@ class Store:
         hot_window_ms: int,
         max_body_bytes: int,
         segment_bytes: int,
+        file_mode: int | None,
         max_readers: int,
         clock_ms: Callable[[], int] | None,
         fs: FileSystem | None,
@@ -175,10 +237,23 @@ class Store:
         _check_option_int("segment_bytes", segment_bytes, 4096)
         _check_option_int("max_readers", max_readers, 8, 1 << 20)
         self._max_readers = max_readers
+        _check_option_int("max_readers", max_readers, 8, 1 << 20)
+        self._max_readers = max_readers
         if type(readonly) is not bool:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
-        if clock_ms is not None and not callable(clock_ms):
-            raise InvalidArgument(f"clock_ms must be a callable returning epoch milliseconds, got {clock_ms!r}", key="clock_ms")
+        if type(create) is not bool:
+            raise InvalidArgument(f"create must be True or False, got {create!r}", key="create")
+        if file_mode is not None:
+            _layout.check_file_mode(file_mode)
+        clock = None
+        if clock_ms is not None:
+            if not callable(clock_ms):
+                raise InvalidArgument(f"clock_ms must be a callable returning epoch milliseconds, got {clock_ms!r}", key="clock_ms")
+            clock = _checked_clock(clock_ms)
+            try:
+                clock()  # once, so that a clock returning floats (or seconds as a str) fails here, not at the first delivery
+            except SyncStoreError as error:
+                raise InvalidArgument(error.message, key="clock_ms", hint="clock_ms must return int milliseconds since the Unix epoch") from error
         if fs is not None and not isinstance(fs, FileSystem):
             raise InvalidArgument(f"fs must be a syncstore._fileio.FileSystem, got {fs!r}", key="fs")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -189,7 +264,7 @@ class Store:
         self.dedup_window_ms = dedup_window_ms
         self.hot_window_ms = hot_window_ms
         self.max_body_bytes = max_body_bytes
-        self._clock = clock_ms or _wall_clock_ms
+        self._clock = clock or _wall_clock_ms
         self._fs = fs or OS_FS
         self._closed = False
         self._forked = False
@@ -197,9 +272,20 @@ class Store:
         self._state: State | None = None
         self._wal: WriteAheadLog | None = None
         self._writer: Writer | None = None
+        self._epoch = 0
+        self.lock_free = False  # a read-only view without an LMDB reader slot (docs/reliability.md)
         self._register()
         try:
-            self._open_files(replica_id, map_size, max_map_size, segment_bytes)
+            if readonly:
+                self._open_view(map_size)
+            else:
+                self._open_files(create, replica_id, map_size, max_map_size, segment_bytes, file_mode)
+        except PermissionError as error:
+            self._release()
+            raise _layout.permission_denied(error, "read access (read and write access for a writer)") from error
+        except (IsADirectoryError, NotADirectoryError) as error:
+            self._release()
+            raise LayoutError(f"{error.filename} is not what a store keeps there: {error.strerror}", path=error.filename) from error
         except OSError as error:
             self._release()
             raise io_failure(error, "opening the store", self.path) from error
@@ -207,6 +293,13 @@ class Store:
             self._release()
             raise
         _live_stores.add(self)
+        exposed = _layout.exposed_entries(self.path)
+        if exposed:
+            log.warning(
+                "store %s: other users may read %s; chmod o-rwx them (a store holds private messages; docs/reliability.md, Security)",
+                self.path,
+                ", ".join(exposed),
+            )
 
     # --- opening ------------------------------------------------------------------
 
@@ -232,37 +325,122 @@ class Store:
             _open_paths[key] = weakref.ref(self)
         self._registry_key = key
 
-    def _open_files(self, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int) -> None:
-        if self.readonly:
-            if not os.path.isdir(state_dir(self.path)):
-                raise InvalidArgument(f"no store at {self.path}", path=self.path, hint="open it once without readonly=True to create it")
-            self._state = State(state_dir(self.path), readonly=True, map_size=map_size, max_readers=self._max_readers)
-            return
-        os.makedirs(os.path.join(self.path, "wal"), exist_ok=True)
-        os.makedirs(state_dir(self.path), exist_ok=True)
-        self._take_lock()
-        self._state = State(
-            state_dir(self.path), readonly=False, map_size=map_size, max_map_size=max_map_size, max_readers=self._max_readers
-        )
-        recorded = self._state.replica_id()
-        if recorded is None:
-            self._state.set_replica_id(replica_id)
-        elif recorded != replica_id:
+    def _open_files(
+        self, create: bool, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int, file_mode: int | None
+    ) -> None:
+        path = self.path
+        found = _layout.inspect(path)
+        if found.kind == "missing":
+            if not create:
+                raise StoreNotFound(f"no store at {path}: the directory does not exist", path=path)
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)  # parents keep the default mode; the store itself is private
+            with contextlib.suppress(FileExistsError):  # created meanwhile by another process: the lock decides
+                _layout.make_dir(path, file_mode or DEFAULT_FILE_MODE)
+        # Hold the directory while validating: nobody else opens or creates the store
+        # meanwhile, and no LOCK file had to be created for it.
+        dir_fd = _layout.lock_directory(path)
+        try:
+            found = _layout.inspect(path)  # again: another process may have created it
+            if found.kind != "store" and found.kind != "legacy":
+                if not create:
+                    raise StoreNotFound(f"no store at {path}: the directory is empty", path=path)
+                self._create(replica_id, file_mode or DEFAULT_FILE_MODE)
+                found = Found("store")
+            self._open_existing(found, replica_id, map_size, max_map_size, segment_bytes, file_mode or _layout.store_file_mode(path))
+        finally:
+            os.close(dir_fd)
+
+    def _create(self, replica_id: int, file_mode: int) -> None:
+        """Start a new store: make the directory private and write the marker, first.
+
+        The rest of creation -- the WAL directory and first segment, then the
+        LMDB state, forced durable -- is what opening a store whose state was
+        never initialised does (``_open_existing``), so a crash anywhere in
+        creation is finished by the next open.
+        """
+        # Private whatever the umask, or the mode of the empty directory (and the empty
+        # wal/ and state/ mount points) we were given.
+        for directory in (self.path, os.path.join(self.path, _layout.WAL_DIR), state_dir(self.path)):
+            if os.path.isdir(directory):
+                os.chmod(directory, _layout.dir_mode(file_mode))
+        marker = Marker(replica_id, _layout.new_epoch())
+        _layout.write_marker(self.path, marker, file_mode, self._fs)
+        log.info("created store %s (replica %d, epoch %d)", self.path, replica_id, marker.epoch)
+
+    def _open_existing(
+        self, found: Found, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int, file_mode: int
+    ) -> None:
+        """Validate everything, then (and only then) repair, migrate, replay and start.
+
+        Nothing before the "validated" line below writes a byte or creates a
+        directory entry: a refused open leaves the tree as it found it.
+        """
+        path = self.path
+        wal_dir, lmdb_dir = os.path.join(path, _layout.WAL_DIR), state_dir(path)
+        _layout.check_access(path, write=True)
+        # A store's LOCK also keeps out writers of syncstore versions that flock only it.
+        self._lock_fd = _layout.hold_lock_file(path, create=False)
+        marker = None if found.kind == "legacy" else _layout.read_marker(path, self._fs)
+        if marker is not None and marker.replica_id != replica_id:
             raise InvalidArgument(
-                f"this store was created with replica_id {recorded}, not {replica_id}", key="replica_id", hint=f"open it with replica_id={recorded}"
+                f"this store was created with replica_id {marker.replica_id}, not {replica_id}",
+                key="replica_id",
+                hint=f"open it with replica_id={marker.replica_id}",
             )
-        applied = self._state.applied_lsn()
-        self._wal = WriteAheadLog.open(
-            os.path.join(self.path, "wal"),
-            next_lsn=applied + 1,
-            fs=self._fs,
-            segment_bytes=segment_bytes,
-            sync_writes=self.durability == "sync",
-        )
+        probe = self._probe_state(lmdb_dir, map_size, max_map_size)
+        try:
+            applied = probe.applied_lsn() if probe is not None else 0
+            recorded = probe.replica_id() if probe is not None else None
+            if recorded is not None and recorded != replica_id:
+                if marker is not None:
+                    raise CorruptionError(
+                        f"the store marker says replica {marker.replica_id} but the LMDB state says {recorded}",
+                        path=lmdb_dir,
+                        hint="the state belongs to another store; restore the store's own state directory",
+                    )
+                raise InvalidArgument(
+                    f"this store was created with replica_id {recorded}, not {replica_id}", key="replica_id", hint=f"open it with replica_id={recorded}"
+                )
+            self._wal = WriteAheadLog.recover(
+                wal_dir,
+                next_lsn=applied + 1,
+                fs=self._fs,
+                segment_bytes=segment_bytes,
+                sync_writes=self.durability == "sync",
+                existing=probe is not None,  # an initialised state needs its log: missing evidence is corruption
+                file_mode=file_mode,
+            )
+            replay = self._check_replay(probe, applied)
+        finally:
+            if probe is not None:
+                probe.close()
+        # --- validated: from here on, opening changes files ----------------------------
+        if marker is None:
+            marker = Marker(replica_id, _layout.new_epoch())
+            _layout.write_marker(path, marker, file_mode, self._fs)
+            log.warning("store %s predates the store marker: marker written (replica %d, epoch %d)", path, replica_id, marker.epoch)
+        elif found.temp_marker:
+            self._fs.unlink(os.path.join(path, _layout.MARKER_TEMP))  # a crashed epoch change; the marker itself is whole
+        self._epoch = marker.epoch
+        if self._lock_fd < 0:
+            self._lock_fd = _layout.hold_lock_file(path, create=True, file_mode=file_mode)
+        _layout.write_holder(self._lock_fd)
+        # Creation order is marker, WAL (first segment durable), LMDB state (forced
+        # durable): an initialised state therefore proves its log existed.  The
+        # directories are missing only when creation never finished.
+        self._make_dir(wal_dir, file_mode)
+        self._wal.start()
+        self._make_dir(lmdb_dir, file_mode)
+        self._state = State(lmdb_dir, readonly=False, map_size=map_size, max_map_size=max_map_size, file_mode=file_mode, replica_id=replica_id, max_readers=self._max_readers)
+        if self._state.created:
+            self._state.sync()
+        elif self._state.replica_id() is None:  # a state made before replica ids were recorded with the format
+            self._state.set_replica_id(replica_id)
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
-        self._replay(applied)
+        self._replay(applied, replay)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
         ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
@@ -276,37 +454,96 @@ class Store:
             dedup_window_ms=self.dedup_window_ms,
         )
 
-    def _take_lock(self) -> None:
-        lock_path = os.path.join(self.path, "LOCK")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLocked(f"another writer holds the store: {holder}", path=lock_path, holder=holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} cmd={' '.join(sys.argv)[:200]}\n".encode(), 0)
-        self._lock_fd = fd
+    def _make_dir(self, directory: str, file_mode: int) -> None:
+        if not os.path.isdir(directory):
+            _layout.make_dir(directory, file_mode)
+            self._fs.fsync_dir(self.path)
 
-    def _replay(self, applied: int) -> None:
-        """Apply the WAL after ``applied`` to LMDB, checking that each record continues the state.
+    def _probe_state(self, lmdb_dir: str, map_size: int, max_map_size: int | None) -> State | None:
+        """The LMDB state opened read-only and lock-free (writing nothing), or None if it was never initialised.
+
+        Lock-free is safe here: we hold the store, so no writer runs.
+        """
+        try:
+            if os.path.getsize(os.path.join(lmdb_dir, "data.mdb")) == 0:
+                return None  # created by LMDB, never written: a crash while creating the store
+        except FileNotFoundError:
+            return None
+        probe = State(lmdb_dir, readonly=True, lock=False, map_size=map_size)
+        if not probe.initialised:
+            probe.close()
+            return None
+        used = (probe.env.info()["last_pgno"] + 1) * probe.env.stat()["psize"]
+        if max_map_size is not None and used > max_map_size:
+            probe.close()
+            raise InvalidArgument(
+                f"max_map_size={max_map_size} is smaller than the {used} bytes of data the store already holds",
+                key="max_map_size",
+                hint=f"open it with max_map_size >= {used}, or None (no limit)",
+            )
+        return probe
+
+    def _open_view(self, map_size: int) -> None:
+        """A read-only view: the LMDB state only, with a reader slot -- or lock-free on files it may not write."""
+        path = self.path
+        found = _layout.inspect(path)
+        if found.kind in ("missing", "empty"):
+            raise StoreNotFound(f"no store at {path}", path=path, hint="open it once without readonly=True to create it")
+        if found.kind == "legacy":
+            raise LayoutError(
+                f"the store at {path} was written by a syncstore before the store marker",
+                path=path,
+                hint="open it once without readonly=True: a writer adds the marker; nothing was changed",
+            )
+        _layout.check_access(path, write=False)
+        marker = _layout.read_marker(path, self._fs)
+        lmdb_dir = state_dir(path)
+        data = os.path.join(lmdb_dir, "data.mdb")
+        if not os.path.isfile(data) or os.path.getsize(data) == 0:
+            raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
+        lock_file = os.path.join(lmdb_dir, "lock.mdb")
+        usable = os.access(lock_file, os.R_OK | os.W_OK) if os.path.exists(lock_file) else os.access(lmdb_dir, os.W_OK | os.X_OK)
+        if not usable:
+            # No write access to LMDB's lock file, so no reader slot: a writer could reuse
+            # the pages this view reads.  Hold the store shared instead, which keeps every
+            # writer out while the view is open (and refuses if one runs now).
+            dir_fd = _layout.lock_directory(path, shared=True)
+            try:
+                fd = _layout.hold_lock_file(path, create=False, shared=True)
+                if fd < 0:  # no LOCK file yet: keep holding the directory itself
+                    fd, dir_fd = dir_fd, -1
+                self._lock_fd = fd
+            finally:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
+            self.lock_free = True
+            log.info("read-only view of %s in lock-free mode (no write access to %s): writers are kept out while it is open", path, lock_file)
+        self._state = State(lmdb_dir, readonly=True, lock=usable, map_size=map_size, max_readers=self._max_readers)
+        if not self._state.initialised:
+            raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
+        self._epoch = marker.epoch
+
+    def _check_replay(self, probe: State | None, applied: int) -> list[Deliver]:
+        """Decode every WAL record after ``applied`` and check it continues the state; apply nothing.
 
         A CRC-valid record whose cursors do not densely continue its
         recipients' heads cannot have been written by this store: it is
-        reported as corruption (file and offset) instead of being applied.
+        reported as corruption (file and offset).  Returns the first decoded
+        records (up to :data:`_REPLAY_KEEP_RECORDS` / ``_BYTES``) for
+        :meth:`_replay`, which decodes any after them again.
         """
-        assert self._wal is not None and self._state is not None
-        wal, state = self._wal, self._state
-        batch: list[Deliver] = []
-        heads: dict[int, int] = {}  # heads as of the records in this batch
-        last = applied
-        txn = state.env.begin()  # no other thread runs yet; closed before every apply
+        assert self._wal is not None
+        wal = self._wal
+        records: list[Deliver] = []
+        keep = True
+        kept_bytes = 0
+        heads: dict[int, int] = {}  # users' heads as of the records checked so far
+        txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
         try:
             for frame in wal.frames(applied):
                 record = _decode_record(frame, wal)
                 for uid, cursor in record.pairs:
-                    head = heads[uid] if uid in heads else state.head(txn, uid)
+                    head = heads[uid] if uid in heads else (probe.head(txn, uid) if probe is not None and txn is not None else 0)
                     if cursor != head + 1:
                         raise CorruptionError(
                             f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",
@@ -314,16 +551,37 @@ class Store:
                             offset=frame.offset,
                         )
                     heads[uid] = cursor
-                batch.append(record)
-                last = frame.lsn
-                if len(batch) >= _REPLAY_BATCH:
-                    txn.abort()
-                    state.apply(batch, last)
-                    batch, txn = [], state.env.begin()
-                    heads.clear()
+                if keep:
+                    records.append(record)
+                    kept_bytes += len(record.body)
+                    keep = len(records) < _REPLAY_KEEP_RECORDS and kept_bytes < _REPLAY_KEEP_BYTES
         finally:
-            txn.abort()
-        if batch or last != applied:
+            if txn is not None:
+                txn.abort()
+        return records
+
+    def _replay(self, applied: int, records: list[Deliver]) -> None:
+        """Apply the validated WAL records after ``applied`` to LMDB, in batches.
+
+        ``records`` are the first of them, as :meth:`_check_replay` decoded
+        and checked them; any after those are decoded again from the log
+        (which recovery has not changed since, except for cutting a torn tail
+        that lies beyond them).
+        """
+        assert self._wal is not None and self._state is not None
+        wal, state = self._wal, self._state
+        rest = (_decode_record(frame, wal) for frame in wal.frames(applied + len(records)))
+        source = itertools.chain(records, rest)
+        batch: list[Deliver] = []
+        last = applied
+        for record in source:  # LSNs are dense: the k-th record after `applied` has LSN applied + k
+            batch.append(record)
+            if len(batch) >= _REPLAY_BATCH:
+                last += len(batch)
+                state.apply(batch, last)
+                batch = []
+        if batch:
+            last += len(batch)
             state.apply(batch, last)
         if last != applied:
             log.info("replayed WAL records %d..%d into %s", applied + 1, last, self.path)
@@ -346,8 +604,10 @@ class Store:
 
     def _recipients(self, to: object) -> tuple[int, ...]:
         if type(to) is not list and type(to) is not tuple:
-            if isinstance(to, (str, bytes, bytearray)) or not isinstance(to, Iterable):
-                raise InvalidArgument(f"to must be a list of user ids, got {type(to).__name__}", key="to")
+            if isinstance(to, (str, bytes, bytearray, Mapping)) or not isinstance(to, Iterable):
+                what = "a mapping (pass its keys, or a list)" if isinstance(to, Mapping) else type(to).__name__
+                raise InvalidArgument(f"to must be an iterable of user ids (list, tuple, set, generator), got {what}", key="to")
+            to = tuple(to)  # read once: validating must not use up a generator
         for uid in to:  # type: ignore[attr-defined]
             if type(uid) is not int or not 0 <= uid <= MAX_U64:
                 check_u64("recipient id", uid)  # raises, with the precise reason
@@ -412,17 +672,26 @@ class Store:
 
     # --- reads --------------------------------------------------------------------
 
-    def sync(self, user: int, since: int = 0, limit: int = 100) -> Page:
+    def sync(self, user: int, since: int = 0, limit: int = 100, epoch: int | None = None) -> Page:
         """Up to ``limit`` messages of ``user`` with cursor > ``since``, ascending.
 
         Pass the returned ``page.next`` as ``since`` to continue; ``has_more``
         says whether more messages are waiting.  ``limit`` is 1..10,000.
+        ``epoch`` is the ``page.epoch`` the client's cursor came from (None:
+        not checked).  A position outside this store's history -- ``since``
+        beyond the user's head, or another epoch -- gets a *reset page*
+        (``reset=True``, no messages, ``next=0``), never a silent empty page;
+        see :class:`Page` and docs/design.md for the client protocol.
         """
         self._check_usable()
         check_u64("user", user)
         check_u64("since", since)
         if type(limit) is not int or not 1 <= limit <= MAX_SYNC_LIMIT:
             raise InvalidArgument(f"limit must be an int in 1..{MAX_SYNC_LIMIT}, got {limit!r}", key="limit")
+        if epoch is not None:
+            check_u64("epoch", epoch)
+            if epoch != self._epoch:
+                return self._reset_page(RESET_EPOCH, self.head(user))
         # Unapplied records first, LMDB second: a record the applier moves in
         # between is then seen twice (and merged), never missed.
         pending, pending_head = self._writer.pending(user, since) if self._writer else ([], 0)
@@ -430,14 +699,28 @@ class Store:
         with self._state.read() as txn:
             applied_head = self._state.head(txn, user)
             items: list[bytes | StoredMessage] = self._state.scan_inbox(txn, user, since, limit, applied_head)  # type: ignore[assignment]
+        if since > applied_head and since > pending_head:  # a cursor from the future: the store was rewound under it
+            return self._reset_page(RESET_AHEAD, max(applied_head, pending_head))
         last = unpack_inbox_head(items[-1])[0] if items else since  # type: ignore[arg-type]
         if pending and len(items) < limit:
             items.extend([m for m in pending if m.cursor > last][: limit - len(items)])
             last = items[-1][0] if type(items[-1]) is StoredMessage else last  # type: ignore[index]
-        return Page(Messages(items), last, last < max(applied_head, pending_head))
+        return Page(Messages(items), last, last < max(applied_head, pending_head), epoch=self._epoch)
+
+    def _reset_page(self, reason: str, head: int) -> Page:
+        """The answer to a position outside this store's history: resync from 0."""
+        return Page(Messages(), 0, head > 0, reset=True, reset_reason=reason, epoch=self._epoch)
+
+    @property
+    def epoch(self) -> int:
+        """This store's epoch: random, made at creation, changed by anything that rewinds its history.
+
+        Clients keep it with their cursor and pass it to :meth:`sync`.
+        """
+        return self._epoch
 
     def head(self, user: int) -> int:
-        """The user's latest acknowledged cursor (0 if the user has no messages)."""
+        """The user's latest durable cursor (0 if the user has no messages); in "sync" mode, the latest acknowledged."""
         self._check_usable()
         check_u64("user", user)
         pending_head = self._writer.pending(user, MAX_U64)[1] if self._writer else 0

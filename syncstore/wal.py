@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from . import _codec
 from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
+from ._layout import DEFAULT_FILE_MODE, LOST_FOUND, create_file, permission_denied
 from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 
 __all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
@@ -50,6 +51,14 @@ _SUFFIX = ".log"
 def segment_name(first_lsn: int) -> str:
     """File name of the segment whose first frame has LSN ``first_lsn`` (sorts by LSN)."""
     return f"{_PREFIX}{first_lsn:020d}{_SUFFIX}"
+
+
+def _is_segment_name(name: str) -> bool:
+    return len(name) == len(_PREFIX) + 20 + len(_SUFFIX) and name.startswith(_PREFIX) and name.endswith(_SUFFIX) and name[4:24].isascii() and name[4:24].isdigit()
+
+
+def _segment_lsn(name: str) -> int:
+    return int(name[len(_PREFIX) : len(_PREFIX) + 20])
 
 
 @dataclass(slots=True)
@@ -120,8 +129,9 @@ class WriteAheadLog:
     ``sync`` while the group-commit leader appends.
     """
 
-    def __init__(self, directory: str, fs: FileSystem, segment_bytes: int, sync_writes: bool) -> None:
+    def __init__(self, directory: str, fs: FileSystem, segment_bytes: int, sync_writes: bool, file_mode: int = DEFAULT_FILE_MODE) -> None:
         self.directory = directory
+        self._file_mode = file_mode  # of every segment created (syncstore._layout: private files)
         self._fs = fs
         self._segment_bytes = segment_bytes
         # O_DSYNC: each append is durable when pwrite returns.  One syscall
@@ -134,6 +144,10 @@ class WriteAheadLog:
         self._broken: SyncStoreError | None = None
         self._allocated = True  # False after a write failed for space: preallocate again first
         self._torn: tuple[str, int, int] | None = None  # (path, offset, bytes) to truncate
+        self._incomplete: tuple[str, int] | None = None  # (path, bytes) of a half-created segment to remove
+        self._next_lsn = 1
+        self._listing: list[str] = []  # the WAL directory's entries, and what recovery found in each
+        self._found: dict[str, str] = {}
         self._unsynced = True  # recovered frames may not be durable yet
 
     # --- opening and recovery -------------------------------------------------
@@ -147,40 +161,95 @@ class WriteAheadLog:
         fs: FileSystem = OS_FS,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         sync_writes: bool = False,
+        existing: bool = False,
+        file_mode: int = DEFAULT_FILE_MODE,
     ) -> WriteAheadLog:
-        """Recover the log in ``directory`` and position it for appending.
+        """Recover the log in ``directory`` and position it for appending: :meth:`recover`, then :meth:`start`."""
+        wal = cls.recover(
+            directory, next_lsn=next_lsn, fs=fs, segment_bytes=segment_bytes, sync_writes=sync_writes, existing=existing, file_mode=file_mode
+        )
+        wal.start()
+        return wal
 
-        ``next_lsn`` is the first LSN the state still needs (applied LSN + 1);
-        a log that starts after it, or has a gap, is corruption.  With
-        ``sync_writes`` every :meth:`append` is durable on return (O_DSYNC).  A torn tail
-        of the last segment is truncated (and logged); a bad frame followed by
-        valid ones raises :class:`CorruptionError` naming file and offset.
+    @classmethod
+    def recover(
+        cls,
+        directory: str,
+        *,
+        next_lsn: int,
+        fs: FileSystem = OS_FS,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        sync_writes: bool = False,
+        existing: bool = False,
+        file_mode: int = DEFAULT_FILE_MODE,
+    ) -> WriteAheadLog:
+        """Validate the log in ``directory`` without changing a byte; :meth:`start` then repairs it.
+
+        ``next_lsn`` is the first LSN the caller's state still needs (applied
+        LSN + 1).  ``existing`` says that state was initialised with this log,
+        so the log must exist and reach from ``next_lsn`` to its end; without
+        it (a store whose creation never finished) an empty directory or a
+        lone incomplete first segment is a crash during creation.  Every way
+        the log can fail to reach ``next_lsn - 1`` raises
+        :class:`CorruptionError` naming the LSNs needed and the files found;
+        so does a bad frame with valid frames after it.  A torn tail of the
+        last segment and an incomplete segment left by a crash during rotation
+        are noted for :meth:`start` to repair.  With ``sync_writes`` every
+        :meth:`append` is durable on return (O_DSYNC).
         """
-        wal = cls(directory, fs, segment_bytes, sync_writes)
+        wal = cls(directory, fs, segment_bytes, sync_writes, file_mode)
         try:
-            wal._recover(next_lsn)
+            wal._recover(next_lsn, existing)
+        except CorruptionError as error:
+            # Whatever the damage, say what the state needs and what is there: the
+            # operator restoring files needs both.
+            raise CorruptionError(f"{error.message}; {wal._evidence()}", path=error.path, offset=error.offset, key=error.key, hint=error.hint) from None
+        except PermissionError as error:
+            raise permission_denied(error, "read access (write access too, for a writer)") from error
         except OSError as error:
-            wal.close()
             raise io_failure(error, "WAL recovery", directory) from error
         return wal
 
-    def _recover(self, next_lsn: int) -> None:
-        # Validate everything first and repair (remove a half-created segment,
-        # truncate a torn tail) only once the whole log is known to be sound:
-        # an open that raises CorruptionError must leave the files as they were.
-        names = sorted(n for n in self._fs.listdir(self.directory) if n.startswith(_PREFIX) and n.endswith(_SUFFIX))
+    def _recover(self, next_lsn: int, existing: bool) -> None:
+        # Validate only.  Repairs (removing a half-created segment, truncating a torn
+        # tail) wait for start(), which the store calls once everything else -- the
+        # records' continuity with the state included -- has validated too: an open
+        # that raises must leave the files as they were.
+        self._next_lsn = next_lsn
+        try:
+            entries = sorted(self._fs.listdir(self.directory))
+        except FileNotFoundError:
+            entries = []
+            self._found[""] = "nothing: the directory does not exist"
+        # The lost+found of a volume mounted as the WAL directory is not part of the log.
+        entries = [n for n in entries if not (n == LOST_FOUND and os.path.isdir(os.path.join(self.directory, n)))]
+        names = [n for n in entries if _is_segment_name(n)]
+        strays = [n for n in entries if not _is_segment_name(n)]
+        self._listing = entries
+        self._found.update({n: f"{n} (not a segment name)" for n in strays})
+        if strays:
+            raise CorruptionError(
+                f"unexpected entries in the WAL directory ({', '.join(strays)}): a misnamed or foreign file may be part of the log",
+                path=self.directory,
+                hint="move the named entries out of the WAL directory (or rename a segment back to wal-<first LSN:020d>.log), then open again",
+            )
         incomplete = None
+        last_data = None  # the newest segment, read once
         if names:
             path = os.path.join(self.directory, names[-1])
-            data = self._fs.read_file(path)
+            data = last_data = self._fs.read_file(path)
             if len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data):
-                # Crash while creating the segment: its header never became durable.
-                incomplete = (path, len(data))
-                names.pop()
+                # A segment whose header never became durable: a crash while creating it -- or
+                # a segment that was cut or zeroed, which the checks below must tell apart.
+                incomplete = (path, len(data), _segment_lsn(names[-1]))
+                last_data = None
+                zeros = "all zeros, " if data else ""
+                self._found[names.pop()] = f"{os.path.basename(path)} ({zeros}{len(data)} bytes: no valid header)"
         for index, name in enumerate(names):
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
-            data = self._fs.read_file(path)
+            data = last_data if is_last and last_data is not None else self._fs.read_file(path)
+            self._found[name] = f"{name} ({len(data)} bytes, bad header)"
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
                 raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
@@ -188,33 +257,72 @@ class WriteAheadLog:
             if first_lsn != expected:
                 raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
             segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
+            self._found[name] = f"{name} (LSNs from {first_lsn}, damaged)"
             self._scan(segment, data, is_last)
             self._segments.append(segment)
-        if self._segments and self._segments[0].first_lsn > next_lsn:
-            first = self._segments[0]
-            raise CorruptionError(
-                f"WAL starts at LSN {first.first_lsn} but the state needs LSN {next_lsn}",
-                path=first.path,
-                offset=0,
-            )
-        if self._segments and self.end_lsn < next_lsn - 1:
-            raise CorruptionError(
-                f"WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
-                path=self._segments[-1].path,
-                hint="the log was truncated or replaced; restore it from a backup or replica",
-            )
+            self._found[name] = f"{name} (LSNs {first_lsn}..{segment.last_lsn})" if segment.last_lsn >= first_lsn else f"{name} (no frames)"
         if incomplete is not None:
-            log.warning("removing incomplete WAL segment %s (%d bytes)", *incomplete)
-            self._fs.unlink(incomplete[0])
-            self._fs.fsync_dir(self.directory)
-        if self._torn is not None:
-            self._truncate(*self._torn)
+            path, size, lsn = incomplete
+            if self._segments:
+                # Legitimate only as a crash during rotation: the previous segment was
+                # fdatasynced before this one was created, so it must end just before it.
+                if lsn != self.end_lsn + 1:
+                    raise CorruptionError(
+                        f"the last WAL segment has no valid header and does not follow the segment before it (which ends at LSN {self.end_lsn})",
+                        path=path,
+                    )
+            elif existing or lsn != next_lsn:
+                # The state was initialised after the first segment was durable: if that
+                # segment is now short or zero, records may have been lost with it.
+                raise CorruptionError("the only WAL segment has no valid header (cut short or zeroed)", path=path)
         if not self._segments:
-            self._create_segment(next_lsn)
+            if existing:
+                raise CorruptionError("the WAL holds no segment", path=self.directory)
         else:
-            self._fd = self._fs.open(self._segments[-1].path, self._write_flags)
-            self._fs.allocate(self._fd, self._segment_bytes)
-            self._fs.fsync(self._fd)
+            first = self._segments[0]
+            if first.first_lsn > next_lsn:
+                raise CorruptionError(f"the WAL starts at LSN {first.first_lsn}, after LSN {next_lsn}", path=first.path, offset=0)
+            if self.end_lsn < next_lsn - 1:
+                raise CorruptionError(
+                    f"the WAL ends at LSN {self.end_lsn}, before the applied LSN {next_lsn - 1}",
+                    path=self._segments[-1].path,
+                    hint="the log was truncated or replaced; restore it from a backup or replica",
+                )
+        self._incomplete = None if incomplete is None else incomplete[:2]
+
+    def _evidence(self) -> str:
+        """What the state needs and what the WAL directory holds, for recovery's errors."""
+        found = [self._found.get(name, name) for name in self._listing] or ([self._found[""]] if "" in self._found else [])
+        if len(found) > 12:
+            found = found[:12] + [f"... and {len(found) - 12} more"]
+        return (
+            f"the state needs WAL records from LSN {self._next_lsn} on (applied LSN {self._next_lsn - 1}); "
+            f"{self.directory} holds: {'; '.join(found) if found else 'nothing'}"
+        )
+
+    def start(self) -> None:
+        """Make the validated log appendable: repair what :meth:`recover` noted, open or create the current segment."""
+        try:
+            if self._incomplete is not None:
+                log.warning("removing incomplete WAL segment %s (%d bytes)", *self._incomplete)
+                self._fs.unlink(self._incomplete[0])
+                self._fs.fsync_dir(self.directory)
+                self._incomplete = None
+            if self._torn is not None:
+                self._truncate(*self._torn)
+                self._torn = None
+            if not self._segments:
+                self._create_segment(self._next_lsn)
+            else:
+                self._fd = self._fs.open(self._segments[-1].path, self._write_flags)
+                self._fs.allocate(self._fd, self._segment_bytes)
+                self._fs.fsync(self._fd)
+        except PermissionError as error:
+            self.close()
+            raise permission_denied(error, "read and write access") from error
+        except OSError as error:
+            self.close()
+            raise io_failure(error, "WAL recovery", self.directory) from error
 
     def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> None:
         offset = SEGMENT_HEADER_SIZE
@@ -270,7 +378,7 @@ class WriteAheadLog:
         and the log is unchanged.
         """
         path = os.path.join(self.directory, segment_name(first_lsn))
-        fd = self._fs.open(path, self._write_flags | os.O_CREAT | os.O_TRUNC)
+        fd = create_file(self._fs, path, self._write_flags | os.O_TRUNC, self._file_mode)
         try:
             self._fs.pwrite(fd, _codec.encode_segment_header(first_lsn), 0)
             self._fs.allocate(fd, self._segment_bytes)

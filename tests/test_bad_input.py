@@ -216,9 +216,9 @@ def test_open_accepts_a_pathlike(tmp_path):
 
 def test_readonly_on_a_path_without_a_store(tmp_path):
     for path in (tmp_path / "missing", tmp_path):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(syncstore.StoreNotFound) as info:  # issue 7: StoreNotFound, no longer InvalidArgument
             syncstore.open(str(path), readonly=True)
-        assert_invalid(info, "store", "readonly")
+        assert "no store" in str(info.value) and "readonly" in str(info.value)
     assert not (tmp_path / "missing").exists()
     assert not (tmp_path / "state").exists() and not (tmp_path / "wal").exists()
 
@@ -507,7 +507,7 @@ def test_readonly_store_refuses_writes_and_reads(tmp_path):
         w.deliver(msg(2, b"two"), to=[1])
     with syncstore.open(path) as w:  # reopened: everything applied, nothing pending
         counts = w.check()
-        assert counts["pending"] == 0 and counts["messages"] == 3
+        assert counts["pending"] == 0 and counts["inbox_entries"] == 3
     with syncstore.open(path, readonly=True) as r:
         for call in (lambda: r.deliver(msg(3), to=[1]), lambda: r.deliver_many([(msg(3), [1])])):
             with pytest.raises(ReadOnlyStore) as info:
@@ -516,8 +516,8 @@ def test_readonly_store_refuses_writes_and_reads(tmp_path):
         assert r.head(1) == 2 and r.head(2) == 1
         assert [m.body for m in r.sync(1).messages] == [b"one", b"two"]
         got = r.check()
-        assert {k: got[k] for k in ("users", "messages", "dedup_entries")} == {
-            k: counts[k] for k in ("users", "messages", "dedup_entries")
+        assert {k: got[k] for k in ("users", "inbox_entries", "dedup_entries")} == {
+            k: counts[k] for k in ("users", "inbox_entries", "dedup_entries")
         }
     with syncstore.open(path) as w:  # the refused writes left nothing behind
         assert w.head(1) == 2

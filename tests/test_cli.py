@@ -41,7 +41,7 @@ def test_demo_result_numbers_add_up(tmp_path):
     assert result.messages == result.one_to_one + result.group == 1500
     assert result.group > 0 and 3 <= result.max_fanout <= 50
     assert result.retries > 0 and result.duplicates == result.retries
-    assert result.catchup_messages == result.inbox_entries == result.check["messages"]
+    assert result.catchup_messages == result.inbox_entries == result.check["inbox_entries"]
     assert result.clients_verified == 150
     again = _demo.run_demo(_demo.DemoConfig(users=150, messages=1500, threads=4, seed=3))
     assert (again.inbox_entries, again.one_to_one, again.retries) == (result.inbox_entries, result.one_to_one, result.retries)
@@ -105,8 +105,13 @@ def test_help_lists_demo_with_examples(capsys):
         assert option in out
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_progress_line_redraws_one_line():
-    stream = io.StringIO()
+    stream = _Terminal()  # issue 7: the line is redrawn with \r only on a terminal
     line = ProgressLine(stream)
     line(_demo.Progress("deliver 1/2", 10, 100, "msgs", 1234.0))
     line(_demo.Progress("restart", 0, 1, "", 0.0))

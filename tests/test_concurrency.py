@@ -305,6 +305,10 @@ class Reader:
         messages = list(page.messages)
         cursors = [m.cursor for m in messages]
         where = f"user {user}, sync(since={since}, limit={limit})"
+        if page.reset:  # issue 7: only a cursor beyond the head gets a reset page
+            assert since > self.top[user] and page.reset_reason == "ahead" and not cursors and page.next == 0, where
+            self.reads += 1
+            return
         assert cursors == list(range(since + 1, since + 1 + len(cursors))), f"{where}: cursors {cursors}"
         assert len(cursors) <= limit and page.next == (cursors[-1] if cursors else since), where
         assert len(cursors) >= min(limit, self.top[user] - since), f"{where}: {cursors} but cursor {self.top[user]} was seen before"

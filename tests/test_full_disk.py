@@ -203,7 +203,9 @@ def test_full_wal_disk_fails_at_segment_preallocation_and_recovers_when_space_is
     path = str(tmp_path / "store")
     # Room for one 1 MiB segment plus the ballast: the first rotation's posix_fallocate fails.
     wal = tmpfs(os.path.join(path, "wal"), "2560k")
-    ballast = os.path.join(wal, "ballast")  # not a wal-*.log name: recovery ignores it
+    # In the volume's lost+found, which recovery ignores (any other stray file in wal/ is refused, issue 7).
+    os.makedirs(os.path.join(wal, "lost+found"), exist_ok=True)
+    ballast = os.path.join(wal, "lost+found", "ballast")
     write_ballast(ballast, MiB)
     acked: Acked = {}
     store = syncstore.open(path, segment_bytes=MiB)

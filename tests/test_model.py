@@ -182,6 +182,10 @@ class StoreMachine(RuleBasedStateMachine):
         since = data.draw(st.integers(0, len(inbox) + 2), label="since")
         low = max(self.durable[user], self.seen[user])  # visible for sure
         page = self.store.sync(user, since=since, limit=limit)
+        if since > len(inbox):  # issue 7: a cursor beyond the head gets a reset page, resync from 0
+            assert (page.reset, page.reset_reason, len(page.messages), page.next, page.has_more) == (True, "ahead", 0, 0, bool(inbox))
+            return
+        assert not page.reset
         expected = [m for m in inbox if m.cursor > since][:limit]
         got = list(page.messages)
         assert got == expected[: len(got)], "a page is a prefix of what was acknowledged"

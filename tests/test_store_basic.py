@@ -30,4 +30,4 @@ def test_state_survives_reopen_and_cursors_continue(store_path):
         assert store.deliver(Message(sender=1, conv=2, client_seq=6, body=b"m6"), to=[5]).cursors == {5: 6}
         page = store.sync(5, since=2, limit=2)
         assert [m.cursor for m in page.messages] == [3, 4] and page.next == 4 and page.has_more
-        assert store.check()["messages"] + store.check()["pending"] >= 1
+        assert store.check()["inbox_entries"] + store.check()["pending"] >= 1

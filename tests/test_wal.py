@@ -537,7 +537,7 @@ def test_store_recovers_torn_tail_at_every_offset(tmp_path, zero_fill):
         with syncstore.open(path, segment_bytes=STORE_SEGMENT) as store:
             assert _state(store) == expected, cut
             counts = store.check()
-            assert counts["messages"] + counts["pending"] * 2 == 2 * whole
+            assert counts["inbox_entries"] + counts["pending"] * 2 == 2 * whole
         assert_clean_tail(wal_path, original, spans[whole - 1][1], STORE_SEGMENT)
         with syncstore.open(path, segment_bytes=STORE_SEGMENT) as store:  # twice: same state
             assert _state(store) == expected, cut
