@@ -182,10 +182,15 @@ class StoreMachine(RuleBasedStateMachine):
         since = data.draw(st.integers(0, len(inbox) + 2), label="since")
         low = max(self.durable[user], self.seen[user])  # visible for sure
         page = self.store.sync(user, since=since, limit=limit)
-        if since > len(inbox):  # issue 7: a cursor beyond the head gets a reset page, resync from 0
-            assert (page.reset, page.reset_reason, len(page.messages), page.next, page.has_more) == (True, "ahead", 0, 0, bool(inbox))
+        # A cursor beyond the visible head gets a reset page (resync from 0).  The visible head
+        # lies between `low` and what was acknowledged ("interval"/"none": between syncs).
+        if page.reset:
+            assert (page.reset_reason, len(page.messages), page.next) == ("ahead", 0, 0)
+            assert since > low, f"reset for cursor {since}, within the durable head {low}"
+            assert self.durability != "sync" or since > len(inbox)
+            assert page.has_more or not low
             return
-        assert not page.reset
+        assert since <= len(inbox), "a cursor beyond every acknowledged message must get a reset page"
         expected = [m for m in inbox if m.cursor > since][:limit]
         got = list(page.messages)
         assert got == expected[: len(got)], "a page is a prefix of what was acknowledged"
