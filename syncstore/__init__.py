@@ -12,6 +12,7 @@ from . import crdt
 from .errors import (
     CorruptionError,
     DurabilityError,
+    IdempotencyConflict,
     InvalidArgument,
     ReadOnlyStore,
     StoreClosed,
@@ -42,6 +43,7 @@ __all__ = [
     "DurabilityError",
     "StoreFull",
     "UsedAfterFork",
+    "IdempotencyConflict",
 ]
 
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ __all__ = [
     "DurabilityError",
     "StoreFull",
     "UsedAfterFork",
+    "IdempotencyConflict",
 ]
 
 
@@ -142,3 +143,24 @@ class UsedAfterFork(SyncStoreError):
     """
 
     default_hint = "open the store again inside the child process (syncstore.open)"
+
+
+class IdempotencyConflict(SyncStoreError):
+    """An idempotency key ``(sender, client_seq)`` was reused for different content.
+
+    A retry must repeat the first delivery's ``conv``, ``body`` and set of
+    recipients (``ts_ms`` and ``priority`` may differ).  ``key`` is
+    ``(sender, client_seq)``; ``msg_id`` is the first delivery's msg_id, or
+    None when the first delivery is another item of the same ``deliver_many``
+    batch (or one a concurrent ``deliver_many`` is still writing).  Nothing
+    was written and the store stays fully usable.
+    """
+
+    default_hint = (
+        "nothing was written; a new message needs a new client_seq (client_seq is unique per sender), "
+        "and a retry must repeat the first delivery's conv, body and recipients"
+    )
+
+    def __init__(self, message: str, *, msg_id: int | None = None, **kwargs: object) -> None:
+        self.msg_id = msg_id
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
