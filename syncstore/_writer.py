@@ -177,8 +177,8 @@ class Writer:
         if pending is not None and self._clock() - msg_id_ms(pending[1]) <= self._dedup_window_ms:
             return pending[1], True, pending[2], pending[0]
         seen = None if pending is not None else state.dedup_entry(txn, sender, client_seq)
-        if seen is not None and self._clock() - msg_id_ms(seen[0]) <= self._dedup_window_ms:
-            return seen[0], True, seen[1], 0
+        if seen is not None and self._clock() - msg_id_ms(seen.msg_id) <= self._dedup_window_ms:
+            return seen.msg_id, True, seen.pairs, 0
         msg_id = self._ids.next()
         pairs: Pairs = tuple((uid, (overlay.head(uid) or state.head(txn, uid)) + 1) for uid in recipients)
         ts_ms = msg_id_ms(msg_id) if message.ts_ms is None else message.ts_ms

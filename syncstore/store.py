@@ -228,6 +228,7 @@ class Store:
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
+        self._state.upgrade()  # format-1 dedup entries gain fingerprints; before replay applies anything
         self._replay(applied)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
