@@ -89,6 +89,8 @@ class Writer:
         # key -> [message, recipients, how many batches claim it]; see deliver_many.
         self._claims: dict[Key, list] = {}
         self._dedup_now = 0  # the clock as dedup sees it: never backwards (see _first_delivery)
+        # Keys _check_batch just found new, valid only inside its read transaction (see _first_delivery).
+        self._fresh: tuple[lmdb.Transaction, set[Key]] | None = None
         self.lock = threading.Lock()  # sequencing: dedup, ids, cursors, frames, overlay
         self._frames: list[bytes] = []
         # Callers waiting for their LSN: a heap of (lsn, tiebreak, held lock).  The
@@ -159,6 +161,7 @@ class Writer:
                             msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
                             results.append((msg_id, duplicate, pairs))
                             last = max(last, lsn)
+                        self._fresh = None
                     if end >= len(items):
                         gate = self._gate(last)
         finally:
@@ -230,6 +233,13 @@ class Writer:
         pending (unapplied) first delivery, 0 if applied.  Sequencing lock held.
         """
         key = (message.sender, message.client_seq)
+        fresh = self._fresh
+        if fresh is not None and fresh[0] is txn and key in fresh[1]:
+            # deliver_many's check found the key new a moment ago, in this very transaction
+            # and lock hold: nothing can have delivered it since (but its own earlier item,
+            # hence discard: a repeat of the key is looked up).  Saves the lookups twice.
+            fresh[1].discard(key)
+            return None
         pending = self.overlay.dedup(*key)
         if pending is not None and self._live(pending[1].msg_id):
             lsn, first = pending
@@ -272,14 +282,24 @@ class Writer:
         duplicate, as in :meth:`deliver`).  Sequencing lock held.
         """
         firsts: dict[Key, int] = {}  # key -> index of its first item in this batch
+        fresh: set[Key] = set()  # keys of the first chunk found new (sequenced in this same lock hold)
+        pending, stored, claims, chunk = self.overlay.dedup, self._state.dedup_entry, self._claims, BULK_CHUNK
         for index, (message, recipients) in enumerate(items):
             key = (message.sender, message.client_seq)
             earlier = firsts.setdefault(key, index)
             if earlier == index:
-                self._first_delivery(txn, message, recipients)
+                # Most keys of a bulk load are new: tell so without _first_delivery's call.
+                if pending(*key) is None and stored(txn, *key) is None and key not in claims:
+                    if index < chunk:
+                        fresh.add(key)
+                elif self._first_delivery(txn, message, recipients) is None and index < chunk:
+                    fresh.add(key)
             elif not _same_content(*items[earlier], message, recipients):
                 self._first_delivery(txn, message, recipients)  # names the stored first delivery, if any
                 raise _conflict(key, None, f"items[{earlier}] and items[{index}] of the batch differ in conv, body or recipients")
+        # Only this transaction's sequencing may use it; a memo left behind by an error
+        # names a transaction no one else holds, and the next batch replaces it.
+        self._fresh = (txn, fresh)
 
     def _claim(self, items: Sequence[tuple[Message, tuple[int, ...]]], change: int) -> None:
         """Add (change=1) or drop (change=-1) the claims of ``items`` on their keys.  Sequencing lock held.
