@@ -12,6 +12,7 @@ from . import crdt
 from .errors import (
     CorruptionError,
     DurabilityError,
+    IdempotencyConflict,
     InvalidArgument,
     LayoutError,
     PermissionDenied,
@@ -50,6 +51,7 @@ __all__ = [
     "StoreFull",
     "ReadersFull",
     "UsedAfterFork",
+    "IdempotencyConflict",
 ]
 
 __version__ = "0.1.0"

@@ -50,16 +50,25 @@ decodes without its keys)::
     8       41    message head
     49      ...   body
 
-LMDB dedup value (first delivery of an idempotency key)::
+LMDB dedup value (first delivery of an idempotency key; state format 2)::
 
     0       8     msg_id
-    8       4     R
-    12      16*R  (user id, cursor) pairs, as in DELIVER
+    8       16    fingerprint: BLAKE2b-128 of conv u64 | body (dedup_fingerprint)
+    24      4     R
+    28      16*R  (user id, cursor) pairs, as in DELIVER
+
+A retry of the key must match the first delivery: same fingerprint, same set
+of user ids (the pairs).  State format 1 (before the fingerprint) stored
+``msg_id u64 | R u32 | pairs``; only the migration in ``state.py`` reads it
+(``decode_dedup_v1``).  The two layouts cannot be told apart by their bytes
+(a format-1 value of R pairs has the length of a format-2 value of R - 1), so
+the state's format version, never the value, says which one a value is.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import struct
 from typing import NamedTuple
 
@@ -106,9 +115,20 @@ PAIR_SIZE = 16  # (user id u64, cursor u64)
 INBOX_HEAD_FMT = ">QQQQQQB"  # cursor + message head
 INBOX_HEAD_SIZE = 49
 assert struct.calcsize(INBOX_HEAD_FMT) == INBOX_HEAD_SIZE
-DEDUP_HEAD_FMT = ">QI"  # msg_id, recipient count
-DEDUP_HEAD_SIZE = 12
+#: Bytes of the dedup fingerprint.  A false match is a retry with other content
+#: accepted as a duplicate: the message is silently not delivered.  By accident
+#: that is 2**-64 already at 8 bytes, but a client can search out a colliding
+#: pair of bodies for an 8-byte digest in ~2**32 hashes (minutes); at 16 bytes
+#: (~2**64 hashes) no one can, so a match means "same content" without caveats.
+#: The cost is 8 more bytes per dedup entry than 8 would take.
+FINGERPRINT_SIZE = 16
+_FINGERPRINT_PERSON = b"syncstore-dedup"  # BLAKE2 personalisation: hashes of nothing else can match
+DEDUP_HEAD_FMT = ">Q16sI"  # msg_id, fingerprint, recipient count
+DEDUP_HEAD_SIZE = 28
 assert struct.calcsize(DEDUP_HEAD_FMT) == DEDUP_HEAD_SIZE
+DEDUP_V1_HEAD_FMT = ">QI"  # state format 1: msg_id, recipient count
+DEDUP_V1_HEAD_SIZE = 12
+assert struct.calcsize(DEDUP_V1_HEAD_FMT) == DEDUP_V1_HEAD_SIZE
 
 _segment_header = struct.Struct(SEGMENT_HEADER_FMT)
 _crc = struct.Struct(CRC_FMT)
@@ -117,6 +137,7 @@ _frame_lead = struct.Struct(FRAME_LEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
+_dedup_v1_head = struct.Struct(DEDUP_V1_HEAD_FMT)
 _inbox_head = struct.Struct(INBOX_HEAD_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
@@ -135,6 +156,14 @@ class Deliver(NamedTuple):
     priority: int
     body: bytes
     pairs: Pairs  # ((user id, cursor), ...)
+
+
+class DedupEntry(NamedTuple):
+    """A decoded dedup value: the first delivery of an idempotency key."""
+
+    msg_id: int
+    fingerprint: bytes  # dedup_fingerprint(conv, body) of that delivery
+    pairs: Pairs  # ((user id, cursor), ...) it was delivered to
 
 
 class Frame(NamedTuple):
@@ -347,16 +376,40 @@ def encode_inbox_value(cursor: int, shared: bytes) -> bytes:
 unpack_inbox_head = _inbox_head.unpack_from
 
 
-def encode_dedup(msg_id: int, pairs: Pairs) -> bytes:
-    """LMDB dedup value: the first delivery's msg_id and cursors."""
-    return _dedup_head.pack(msg_id, len(pairs)) + _pack_pairs(pairs)
+def dedup_fingerprint(conv: int, body: bytes) -> bytes:
+    """The content of a delivery that a retry of its idempotency key must repeat, besides the recipients.
+
+    conv is fixed-width, so ``conv | body`` is unambiguous.  ``ts_ms`` and
+    ``priority`` are left out on purpose: a retry may carry a new timestamp.
+    """
+    digest = hashlib.blake2b(_u64.pack(conv), digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)
+    digest.update(body)
+    return digest.digest()
 
 
-def decode_dedup(value: bytes | memoryview) -> tuple[int, Pairs]:
+def encode_dedup(msg_id: int, fingerprint: bytes, pairs: Pairs) -> bytes:
+    """LMDB dedup value: the first delivery's msg_id, content fingerprint and cursors."""
+    # A guard against a caller's slip, not user input: "16s" would silently pad or cut.
+    if len(fingerprint) != FINGERPRINT_SIZE:
+        raise ValueError(f"a dedup fingerprint is {FINGERPRINT_SIZE} bytes, got {len(fingerprint)}")
+    return _dedup_head.pack(msg_id, fingerprint, len(pairs)) + _pack_pairs(pairs)
+
+
+def decode_dedup(value: bytes | memoryview) -> DedupEntry:
     """Inverse of :func:`encode_dedup`; :class:`CorruptionError` on bad lengths."""
     if len(value) < DEDUP_HEAD_SIZE:
         raise CorruptionError("dedup entry is truncated")
-    msg_id, count = _dedup_head.unpack_from(value, 0)
+    msg_id, fingerprint, count = _dedup_head.unpack_from(value, 0)
     if len(value) != DEDUP_HEAD_SIZE + PAIR_SIZE * count:
         raise CorruptionError("dedup entry lengths do not add up")
-    return msg_id, _unpack_pairs(value, DEDUP_HEAD_SIZE, count)
+    return DedupEntry(msg_id, fingerprint, _unpack_pairs(value, DEDUP_HEAD_SIZE, count))
+
+
+def decode_dedup_v1(value: bytes | memoryview) -> tuple[int, Pairs]:
+    """A state-format-1 dedup value (msg_id, pairs), as the migration to format 2 reads it."""
+    if len(value) < DEDUP_V1_HEAD_SIZE:
+        raise CorruptionError("format-1 dedup entry is truncated")
+    msg_id, count = _dedup_v1_head.unpack_from(value, 0)
+    if len(value) != DEDUP_V1_HEAD_SIZE + PAIR_SIZE * count:
+        raise CorruptionError("format-1 dedup entry lengths do not add up")
+    return msg_id, _unpack_pairs(value, DEDUP_V1_HEAD_SIZE, count)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from ._codec import Deliver, Pairs
+from ._codec import Deliver
 from .model import StoredMessage
 
-#: First delivery of an idempotency key still in the overlay: (lsn, msg_id, pairs).
-PendingDedup = tuple[int, int, Pairs]
+#: First delivery of an idempotency key still in the overlay: (lsn, record).  The
+#: record (msg_id, conv, body, pairs) is what a retry is compared with -- exactly,
+#: not by fingerprint: it is in memory anyway, and comparing costs no hashing.
+PendingDedup = tuple[int, Deliver]
 
 
 class Overlay:
@@ -49,7 +51,7 @@ class Overlay:
                 inbox[uid] = [entry]
             else:
                 entries.append(entry)
-        self._dedup[(record.sender, record.client_seq)] = (lsn, record.msg_id, record.pairs)
+        self._dedup[(record.sender, record.client_seq)] = (lsn, record)
 
     def head(self, uid: int) -> int | None:
         """The user's latest assigned cursor, acknowledged or not (None if not here)."""

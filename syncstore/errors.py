@@ -25,6 +25,7 @@ __all__ = [
     "StoreFull",
     "ReadersFull",
     "UsedAfterFork",
+    "IdempotencyConflict",
 ]
 
 
@@ -195,3 +196,23 @@ class UsedAfterFork(SyncStoreError):
         "use the store from the parent, or open it in a process started with the 'spawn' or "
         "'forkserver' multiprocessing method (or fork before opening it)"
     )
+
+class IdempotencyConflict(SyncStoreError):
+    """An idempotency key ``(sender, client_seq)`` was reused for different content.
+
+    A retry must repeat the first delivery's ``conv``, ``body`` and set of
+    recipients (``ts_ms`` and ``priority`` may differ).  ``key`` is
+    ``(sender, client_seq)``; ``msg_id`` is the first delivery's msg_id, or
+    None when the first delivery is another item of the same ``deliver_many``
+    batch (or one a concurrent ``deliver_many`` is still writing).  Nothing
+    was written and the store stays fully usable.
+    """
+
+    default_hint = (
+        "nothing was written; a new message needs a new client_seq (client_seq is unique per sender), "
+        "and a retry must repeat the first delivery's conv, body and recipients"
+    )
+
+    def __init__(self, message: str, *, msg_id: int | None = None, **kwargs: object) -> None:
+        self.msg_id = msg_id
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]

@@ -10,6 +10,10 @@ order and a range scan of one user's keys is a sync)::
     dedup_expiry   first-delivery ms | sender | client_seq  empty (purge index, oldest first)
     meta           b"applied_lsn", b"last_msg_id", ...    u64 / bytes
 
+State format (meta ``format_version``): 2 since dedup values carry a content
+fingerprint (``_codec.encode_dedup``).  A format-1 state is migrated on open
+by :meth:`State.upgrade`; a newer format than :data:`STATE_FORMAT` is refused.
+
 Durability (see docs/design.md): the environment is opened ``sync=True,
 metasync=False`` (MDB_NOMETASYNC).  Each commit fdatasyncs the data pages but
 not the meta page, which becomes durable with the next commit.  LMDB documents
@@ -33,7 +37,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from . import _codec
-from ._codec import INBOX_HEAD_SIZE, Deliver, Pairs, pack_u64, unpack_u64
+from ._codec import INBOX_HEAD_SIZE, DedupEntry, Deliver, pack_u64, unpack_u64
 from ._layout import DEFAULT_FILE_MODE
 from .errors import CorruptionError, DurabilityError, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
@@ -48,13 +52,18 @@ _APPLIED = b"applied_lsn"
 _LAST_ID = b"last_msg_id"
 _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
+#: Present only while a format-1 state is being migrated: the last dedup key
+#: already rewritten (b"" before the first); keys after it are still format 1.
+_DEDUP_V1_AFTER = b"dedup_v1_after"
 _FILES = ("data.mdb", "lock.mdb")
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: dedup values carry a fingerprint; 1 is migrated on open (State.upgrade)
+_MIGRATE_BATCH = 4_096  # dedup entries per migration transaction (bounds its dirty pages)
 #: LMDB reader slots (one per read transaction open at once, across every process).
 DEFAULT_MAX_READERS = 512
 
+_CURSOR_SIZE = INBOX_HEAD_SIZE - _codec.MESSAGE_HEAD_SIZE  # an inbox value starts with its cursor
 _pair = struct.Struct(">QQ")
 _triple = struct.Struct(">QQQ")
 inbox_key = _pair.pack
@@ -207,14 +216,23 @@ class State:
         self._file_mode = file_mode
         self._reopen_needed = False
         self._open_env(map_size, replica_id)
+        self.format = STATE_FORMAT
+        # Where format-1 dedup values begin (see _DEDUP_V1_AFTER); None once all are current.
+        self._v1_after: bytes | None = None
         if not self.initialised:
             return
         with self.read() as txn:
             stored = txn.get(_FORMAT, db=self.meta)
-        if stored is not None and unpack_u64(stored) != STATE_FORMAT:
+            migrating = txn.get(_DEDUP_V1_AFTER, db=self.meta)
+        self.format = STATE_FORMAT if stored is None else unpack_u64(stored)
+        if not 1 <= self.format <= STATE_FORMAT:
+            self.env.close()
             raise CorruptionError(
-                f"LMDB state format {unpack_u64(stored)} is not supported", path=path, hint="open it with the syncstore version that wrote it"
+                f"LMDB state format {self.format} is not supported (this syncstore reads formats 1 to {STATE_FORMAT})",
+                path=path,
+                hint=f"open it with a syncstore version that supports state format {self.format}",
             )
+        self._v1_after = b"" if self.format == 1 else migrating
 
     def _open_env(self, map_size: int, replica_id: int | None = None) -> None:
         path, readonly, lock, file_mode = self.path, self.readonly, self._lock, self._file_mode
@@ -393,8 +411,8 @@ class State:
         value = txn.get(pack_u64(uid), db=self.heads)
         return 0 if value is None else unpack_u64(value)
 
-    def dedup_entry(self, txn: lmdb.Transaction, sender: int, client_seq: int) -> tuple[int, Pairs] | None:
-        """The first delivery (msg_id, cursors) of an idempotency key, if applied."""
+    def dedup_entry(self, txn: lmdb.Transaction, sender: int, client_seq: int) -> DedupEntry | None:
+        """The first delivery (msg_id, fingerprint, cursors) of an idempotency key, if applied."""
         value = txn.get(_pair.pack(sender, client_seq), db=self.dedup)
         return None if value is None else _codec.decode_dedup(value)
 
@@ -434,6 +452,11 @@ class State:
         not grow (the transaction is aborted; the records stay in the WAL).
         """
         self._reopen_if_needed()  # the handles below must belong to the live environment
+        if self._v1_after is not None:
+            # A format-1 entry next to a format-2 one could never be told apart again.
+            raise SyncStoreError(
+                "the LMDB state still has format-1 dedup entries", path=self.path, hint="call State.upgrade() before applying records"
+            )
         # Encode everything first, then write each database with one putmulti
         # (a loop in C, over sorted keys for B-tree locality); a user's head is
         # written once per batch, not once per message.
@@ -447,7 +470,8 @@ class State:
             for uid, cursor in record.pairs:
                 inbox.append((_pair.pack(uid, cursor), _codec.encode_inbox_value(cursor, shared)))
                 heads[uid] = cursor  # records come in LSN order, so cursors only grow
-            dedup.append((_pair.pack(record.sender, record.client_seq), _codec.encode_dedup(record.msg_id, record.pairs)))
+            fingerprint = _codec.dedup_fingerprint(record.conv, record.body)
+            dedup.append((_pair.pack(record.sender, record.client_seq), _codec.encode_dedup(record.msg_id, fingerprint, record.pairs)))
             expiry.append((_triple.pack(msg_id_ms(record.msg_id), record.sender, record.client_seq), b""))
             last_id = max(last_id, record.msg_id)
         inbox.sort()
@@ -493,11 +517,84 @@ class State:
             dedup_key = _pair.pack(sender, client_seq)
             entry = txn.get(dedup_key, db=self.dedup)
             # A key redelivered after expiry has a newer entry: keep that one.
-            if entry is not None and msg_id_ms(_codec.decode_dedup(entry)[0]) == ms:
+            if entry is not None and msg_id_ms(_codec.decode_dedup(entry).msg_id) == ms:
                 txn.delete(dedup_key, db=self.dedup)
             cursor.delete()
             removed += 1
         return removed
+
+    # --- format migration -----------------------------------------------------------
+
+    def upgrade(self, batch: int | None = None) -> int:
+        """Migrate a format-1 state to :data:`STATE_FORMAT`; return how many dedup entries were rewritten.
+
+        Format 1 kept no content fingerprint in dedup values.  Each entry gets
+        the fingerprint of the inbox entry it points at (the inbox value holds
+        conv and body), so a retry of a key delivered before the upgrade is
+        checked like any other.  Nothing to do on a current or read-only state.
+
+        Everything is verified before the first write: a damaged entry raises
+        :class:`CorruptionError` with the state unchanged.  The first
+        transaction sets the format to 2, so that an older syncstore refuses
+        the half-migrated state instead of misreading it; entries are then
+        rewritten in key order, at most ``batch`` per transaction (bounding
+        its dirty pages), with the last key done recorded in the same
+        transaction, so an interrupted upgrade resumes where it stopped at the
+        next open.  Call it before any record is applied: :meth:`apply`
+        refuses a state that still has format-1 entries.
+        """
+        if self.readonly or self._v1_after is None:
+            return 0
+        batch = max(1, _MIGRATE_BATCH if batch is None else batch)
+        if self.format == 1:
+            with self.read() as txn:
+                for key, value in txn.cursor(db=self.dedup):
+                    self._v1_entry(txn, key, value)
+        rewritten = 0
+        while self._v1_after is not None:
+            count, self._v1_after = self._write(lambda txn: self._upgrade_step(txn, batch))
+            self.format = STATE_FORMAT
+            rewritten += count
+        log.info("LMDB state %s migrated to format %d (%d dedup entries)", self.path, STATE_FORMAT, rewritten)
+        return rewritten
+
+    def _upgrade_step(self, txn: lmdb.Transaction, batch: int) -> tuple[int, bytes | None]:
+        """Rewrite up to ``batch`` format-1 dedup entries; return the count and where format 1 now begins."""
+        after = txn.get(_DEDUP_V1_AFTER, db=self.meta)
+        if after is None:
+            after = b""
+            txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=self.meta)
+        cursor = txn.cursor(db=self.dedup)
+        found = cursor.set_range(after)
+        if found and cursor.key() == after:
+            found = cursor.next()
+        items: list[tuple[bytes, bytes]] = []
+        while found and len(items) < batch:
+            key = cursor.key()
+            items.append((key, _codec.encode_dedup(*self._v1_entry(txn, key, cursor.value()))))
+            found = cursor.next()
+        if items:
+            txn.cursor(db=self.dedup).putmulti(items)  # overwrites: same keys, format-2 values
+        if found:
+            txn.put(_DEDUP_V1_AFTER, items[-1][0], db=self.meta)
+            return len(items), items[-1][0]
+        txn.delete(_DEDUP_V1_AFTER, db=self.meta)
+        return len(items), None
+
+    def _v1_entry(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> DedupEntry:
+        """A format-1 dedup value with its fingerprint computed from the inbox; CorruptionError if it points nowhere."""
+        where = _unpack_pair(key)
+        try:
+            msg_id, pairs = _codec.decode_dedup_v1(value)
+        except CorruptionError as error:
+            raise CorruptionError(error.message, path=self.path, key=where) from None
+        if not pairs:
+            # Only a crafted WAL record makes one; a retry names recipients, so it conflicts whatever the fingerprint.
+            return DedupEntry(msg_id, bytes(_codec.FINGERPRINT_SIZE), pairs)
+        stored = txn.get(_pair.pack(*pairs[0]), db=self.inbox)
+        if stored is None or len(stored) < INBOX_HEAD_SIZE or _unpack_head(stored)[1] != msg_id:
+            raise CorruptionError(f"dedup entry points at a missing inbox entry {pairs[0]}", path=self.path, key=where)
+        return DedupEntry(msg_id, _codec.dedup_fingerprint(_unpack_head(stored)[3], stored[INBOX_HEAD_SIZE:]), pairs)
 
     def sync(self) -> None:
         """Force everything committed (meta page included) to disk."""
@@ -530,8 +627,11 @@ class State:
 
         Checks: every user's cursors are dense 1..head and match the heads db;
         each inbox value decodes; every dedup entry points at inbox entries
-        holding its msg_id; the expiry index covers the dedup index; the
-        applied LSN is not beyond the WAL end.  Returns counts.
+        holding its msg_id and one and the same message, whose conv and body
+        match the entry's fingerprint (format-1 entries, which a read-only
+        view of a not yet migrated store may see, have none); the expiry
+        index covers the dedup index; the applied LSN is not beyond the WAL
+        end.  Returns counts.
         """
         with self.read() as txn:
             applied = self._meta_u64(txn, _APPLIED)
@@ -556,13 +656,29 @@ class State:
             if len(heads) != users:
                 raise CorruptionError(f"{len(heads)} heads but {users} users with messages", path=self.path)
             dedups = 0
+            v1_after = b"" if self._meta_u64(txn, _FORMAT) == 1 else txn.get(_DEDUP_V1_AFTER, db=self.meta)
             for key, value in txn.cursor(db=self.dedup):
                 sender, client_seq = _unpack_pair(key)
-                msg_id, pairs = _codec.decode_dedup(value)
+                fingerprint: bytes | None = None
+                try:
+                    if v1_after is not None and key > v1_after:
+                        msg_id, pairs = _codec.decode_dedup_v1(value)
+                    else:
+                        msg_id, fingerprint, pairs = _codec.decode_dedup(value)
+                except CorruptionError as error:
+                    raise CorruptionError(error.message, path=self.path, key=(sender, client_seq)) from None
+                first = None  # inbox value of the first recipient: every other must hold the same message
                 for uid, cursor in pairs:
                     stored = txn.get(_pair.pack(uid, cursor), db=self.inbox)
                     if stored is None or _unpack_head(stored)[1] != msg_id:
                         raise CorruptionError(f"dedup entry points at a missing inbox entry ({uid}, {cursor})", path=self.path, key=(sender, client_seq))
+                    if first is None:
+                        first = stored
+                    elif stored[_CURSOR_SIZE:] != first[_CURSOR_SIZE:]:
+                        raise CorruptionError(f"recipient ({uid}, {cursor}) holds another message than the first recipient", path=self.path, key=(sender, client_seq))
+                if fingerprint is not None and first is not None:
+                    if _codec.dedup_fingerprint(_unpack_head(first)[3], first[INBOX_HEAD_SIZE:]) != fingerprint:
+                        raise CorruptionError("dedup entry's fingerprint does not match the message it points at", path=self.path, key=(sender, client_seq))
                 if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=self.dedup_expiry) is None:
                     raise CorruptionError("dedup entry has no expiry index entry", path=self.path, key=(sender, client_seq))
                 dedups += 1

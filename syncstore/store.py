@@ -440,6 +440,7 @@ class Store:
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
+        self._state.upgrade()  # format-1 dedup entries gain fingerprints; before replay applies anything
         self._replay(applied, replay)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
@@ -633,10 +634,14 @@ class Store:
         """Append ``message`` to the inbox of every user in ``to``; return when durable.
 
         Returns the :class:`Delivery` (msg_id and each recipient's new cursor).
-        A retry of the same ``(sender, client_seq)`` inside the dedup window
-        writes nothing and returns the first delivery with ``duplicate=True``.
-        Repeated ids in ``to`` count once.  Safe from many threads; concurrent
-        calls share one WAL write and fsync.
+        ``(sender, client_seq)`` is the idempotency key: ``client_seq`` must be
+        unique per sender.  A retry of the key inside the dedup window must
+        repeat the first delivery's ``conv``, ``body`` and set of recipients
+        (``ts_ms``, ``priority`` and the order of ``to`` may differ): it writes
+        nothing and returns the first delivery with ``duplicate=True``.  Other
+        content raises :class:`IdempotencyConflict` (naming the key and the
+        first msg_id) and writes nothing.  Repeated ids in ``to`` count once.
+        Safe from many threads; concurrent calls share one WAL write and fsync.
         """
         message = self._check_message(message)
         recipients = self._recipients(to)
@@ -646,9 +651,13 @@ class Store:
     def deliver_many(self, items: Iterable[tuple[Message, Sequence[int]]]) -> list[Delivery]:
         """Deliver many ``(message, to)`` pairs with one group commit; results in order.
 
-        Every item is validated before anything is written.  Very large
-        batches are committed in chunks of 16,384 messages to bound memory.
-        Duplicates (also within the batch) behave as in :meth:`deliver`.
+        Every item is validated before anything is written, the idempotency
+        check included: an item that conflicts with its key's first delivery,
+        or two items of the batch with one key and different content, raise
+        :class:`IdempotencyConflict` and nothing of the batch is written.
+        Duplicates (also within the batch, with the same content) behave as
+        in :meth:`deliver`.  Very large batches are committed in chunks of
+        16,384 messages to bound memory.
         """
         writer = self._check_writer()
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):

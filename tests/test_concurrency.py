@@ -2,7 +2,9 @@
 
 Writers proceed in rounds (a barrier starts each round, so the same key is
 really raced): every key of a round is sent by 2-4 threads at once, each with
-its own body and recipients, alone or inside a ``deliver_many`` batch.  Then:
+the key's content (conv, body, recipients in its own order, its own ts_ms and
+priority: a retry must repeat the content, issue 7), alone or inside a
+``deliver_many`` batch.  Then:
 
 * exactly one send of each key is the first delivery (``duplicate=False``);
   every other send returns exactly its msg_id and cursors;
@@ -57,7 +59,7 @@ def frequent_thread_switches():
 
 @dataclass(frozen=True)
 class Send:
-    """One thread's send of a key: each racing thread has its own body and recipients."""
+    """One thread's send of a key: the key's content, with the thread's own recipient order, ts_ms and priority."""
 
     thread: int
     message: Message
@@ -69,12 +71,14 @@ class Send:
 
 
 def make_send(key: Key, thread: int) -> Send:
+    content = random.Random(f"{key}")  # other content for a key is an IdempotencyConflict (test_idempotency.py)
     rng = random.Random(f"{key}/{thread}")
-    to = tuple(rng.sample(range(USERS), rng.randint(1, 5)))
+    users = content.sample(range(USERS), content.randint(1, 5))
+    to = tuple(rng.sample(users, len(users)))  # the same set, in this thread's order
     if rng.random() < 0.2:
         to += (to[0],)  # a repeated recipient counts once
-    body = b"%d:%d from thread %d" % (key[0], key[1], thread)
-    message = Message(key[0], conv=key[0] * 7 + thread, client_seq=key[1], body=body, ts_ms=1_700_000_000_000 + key[1], priority=thread)
+    body = b"%d:%d" % key
+    message = Message(key[0], conv=key[0] * 7, client_seq=key[1], body=body, ts_ms=1_700_000_000_000 + key[1] + thread, priority=thread)
     return Send(thread, message, to)
 
 

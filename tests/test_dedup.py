@@ -28,9 +28,9 @@ def test_retry_inside_the_window_is_a_duplicate_even_after_restart(store_path):
         first = store.deliver(msg(1), to=[1, 2])
     clock.now += 2 * DAY  # exactly at the edge: still inside
     with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=2 * DAY, hot_window_ms=DAY) as store:
-        again = store.deliver(msg(1, b"different body"), to=[3])
+        again = store.deliver(msg(1), to=[2, 1])  # a retry: same content (issue 7: other content is a conflict)
         assert again.duplicate and again.msg_id == first.msg_id and again.cursors == {1: 1, 2: 1}
-        assert store.head(3) == 0  # nothing was written for the retry
+        assert store.head(1) == 1 and store.head(2) == 1  # nothing was written for the retry
         assert store.sync(1).messages[0].body == b"hello"
 
 
@@ -42,7 +42,7 @@ def test_retry_after_the_window_is_a_new_message(store_path):
         later = store.deliver(msg(1, b"again"), to=[1])
         assert not later.duplicate and later.msg_id != first.msg_id and later.cursors == {1: 2}
         # ...and the new delivery is now the one a retry gets back
-        assert store.deliver(msg(1), to=[1]) == syncstore.Delivery(later.msg_id, True, {1: 2})
+        assert store.deliver(msg(1, b"again"), to=[1]) == syncstore.Delivery(later.msg_id, True, {1: 2})
         store.check()
 
 
@@ -62,7 +62,7 @@ def test_expired_entries_are_purged_and_a_redelivered_key_keeps_its_new_entry(st
         while state.purge_dedup(clock.now - DAY, 1_000):
             pass
         assert store.check()["dedup_entries"] == 1
-        assert store.deliver(msg(1), to=[9]) == syncstore.Delivery(renewed.msg_id, True, {9: 1})
+        assert store.deliver(msg(1, b"renewed"), to=[9]) == syncstore.Delivery(renewed.msg_id, True, {9: 1})
         assert not store.deliver(msg(2), to=[9]).duplicate  # purged: accepted as new
 
 
@@ -79,10 +79,10 @@ def test_purge_is_bounded_per_call(store_path):
 
 def test_duplicates_inside_one_batch(store_path):
     with syncstore.open(store_path) as store:
-        results = store.deliver_many([(msg(1), [1]), (msg(1, b"retry"), [2]), (msg(2), [1])])
+        results = store.deliver_many([(msg(1), [1]), (msg(1), [1]), (msg(2), [1])])
         assert [r.duplicate for r in results] == [False, True, False]
         assert results[1].msg_id == results[0].msg_id and results[1].cursors == {1: 1}
-        assert store.head(2) == 0 and store.head(1) == 2
+        assert store.head(1) == 2
 
 
 def assert_dedup_entries(path: str, options: dict, expected: int) -> None:

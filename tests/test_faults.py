@@ -62,7 +62,7 @@ def workload(path: str, fs: FileSystem, acked: dict[tuple[int, int], syncstore.D
         for seq in range(1, 13):
             message = Message(sender=1, conv=seq % 3, client_seq=seq, body=b"x" * 150)
             acked[(1, seq)] = store.deliver(message, to=[1, 2] if seq % 2 else [1, 2, 3, 4])
-        acked[(1, 5)] = store.deliver(Message(sender=1, conv=2, client_seq=5, body=b"retry"), to=[9])
+        acked[(1, 5)] = store.deliver(Message(sender=1, conv=2, client_seq=5, body=b"x" * 150), to=[2, 1])  # a retry
         batch = [(Message(sender=2, conv=9, client_seq=seq, body=b"y" * 100), [3, 5]) for seq in range(1, 25)]
         for (message, _to), delivery in zip(batch, store.deliver_many(batch)):
             acked[(2, message.client_seq)] = delivery
@@ -84,7 +84,8 @@ def verify(path: str, acked: dict[tuple[int, int], syncstore.Delivery]) -> None:
             for uid, cursor in delivery.cursors.items():
                 page = store.sync(uid, cursor - 1, 1)
                 assert page.messages and page.messages[0].msg_id == delivery.msg_id, (sender, seq, uid, cursor)
-            retry = store.deliver(Message(sender=sender, conv=0, client_seq=seq, body=b"?"), to=[99])
+            first = store.sync(uid, cursor - 1, 1).messages[0]  # a retry repeats the content (issue 7)
+            retry = store.deliver(Message(sender=sender, conv=first.conv, client_seq=seq, body=first.body), to=list(delivery.cursors))
             assert retry.duplicate and retry.msg_id == delivery.msg_id
 
 

@@ -162,8 +162,10 @@ def assert_recovers(path: str, acked: Acked, **options: object) -> None:
     with syncstore.open(path, **options) as store:
         store.check()
         assert_all_present(store, acked)
-        for (sender, seq), (delivery, _body) in list(acked.items())[-20:]:
-            retry = store.deliver(Message(sender, 0, seq, b"retry"), to=[1])
+        for (sender, seq), (delivery, body) in list(acked.items())[-20:]:
+            uid, cursor = next(iter(delivery.cursors.items()))
+            conv = store.sync(uid, cursor - 1, 1).messages[0].conv  # a retry repeats the content (issue 7)
+            retry = store.deliver(Message(sender, conv, seq, body), to=list(delivery.cursors))
             assert retry.duplicate and retry.msg_id == delivery.msg_id
         more: Acked = {}
         for seq in range(1, 201):

@@ -1,7 +1,9 @@
 """Model-based test: the store against a plain-dict model, through reopens and crashes.
 
 A hypothesis state machine delivers (alone and in batches), retries earlier
-idempotency keys with other bodies and recipients, reads pages with random
+idempotency keys with the same content (a duplicate, also with the recipients
+in another order and a new ts_ms) or with another conv, body or recipients (an
+``IdempotencyConflict`` that writes nothing), reads pages with random
 ``since``/``limit``, closes and reopens, and "crashes" (``Store._abandon()``,
 which drops the store like a SIGKILL, then ``open`` recovers from the WAL).
 After every step the store's own ``check()`` must pass and every head must
@@ -21,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import syncstore
-from syncstore import InvalidArgument, Message, StoreClosed, StoredMessage
+from syncstore import IdempotencyConflict, InvalidArgument, Message, StoreClosed, StoredMessage
 from syncstore._ids import msg_id_ms
 from syncstore.wal import DEFAULT_SEGMENT_BYTES
 
@@ -44,6 +46,12 @@ limits = st.integers(1, 8) | st.just(10_000)
 segment_sizes = st.sampled_from([4096, 16_384, 1 << 20, DEFAULT_SEGMENT_BYTES])
 
 Key = tuple[int, int]
+#: What a retry of a key must repeat: conv, body and the set of recipients.
+Content = tuple[int, bytes, frozenset[int]]
+
+
+def content(message: Message, to: list[int]) -> Content:
+    return message.conv, message.body, frozenset(to)
 
 
 class FakeClock:
@@ -67,6 +75,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store: syncstore.Store | None = None
         self.inbox: dict[int, list[StoredMessage]] = defaultdict(list)
         self.first: dict[Key, tuple[int, dict[int, int]]] = {}  # key -> (msg_id, cursors) of the first delivery
+        self.contents: dict[Key, Content] = {}  # key -> content of the first delivery
         self.last_msg_id = 0
         # Readers see durable writes only: in "interval"/"none" mode a user's visible head lies
         # between what was last made durable (flush, reopen) and what was acknowledged, and
@@ -108,6 +117,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert delivery.msg_id > self.last_msg_id, "msg_ids must increase, across restarts and clock steps"
         self.last_msg_id = delivery.msg_id
         self.first[key] = (delivery.msg_id, expected)
+        self.contents[key] = content(message, to)
         ts = msg_id_ms(delivery.msg_id) if message.ts_ms is None else message.ts_ms
         for uid, cursor in expected.items():
             self.inbox[uid].append(
@@ -127,6 +137,41 @@ class StoreMachine(RuleBasedStateMachine):
         self.seen[uid] = head
         return head
 
+    def _conflict(self, items: list[tuple[Message, list[int]]]) -> tuple[Key, int | None] | None:
+        """The (key, first msg_id or None) an IdempotencyConflict must name for these items, or None if they are fine."""
+        batch: dict[Key, Content] = {}
+        for message, to in items:
+            key = (message.sender, message.client_seq)
+            if key in self.contents:
+                if self.contents[key] != content(message, to):
+                    return key, self.first[key][0]
+            elif batch.setdefault(key, content(message, to)) != content(message, to):
+                return key, None  # two items of one batch disagree; neither is delivered yet
+        return None
+
+    def _deliver_or_conflict(self, items: list[tuple[Message, list[int]]], batch: bool) -> None:
+        """Deliver ``items`` (one with deliver(), or with deliver_many()) and check the outcome against the model."""
+        conflict = self._conflict(items)
+        if conflict is not None:
+            self.store.flush()  # every acknowledged write visible: a timer sync cannot move a head below
+            self._all_durable()
+            heads = {uid: self.store.head(uid) for uid in USER_IDS}
+            with pytest.raises(IdempotencyConflict) as raised:
+                if batch:
+                    self.store.deliver_many(items)
+                else:
+                    self.store.deliver(items[0][0], to=items[0][1])
+            assert (raised.value.key, raised.value.msg_id) == conflict
+            assert {uid: self.store.head(uid) for uid in USER_IDS} == heads, "a conflict wrote something"
+            return
+        if batch:
+            results = self.store.deliver_many(items)
+            assert len(results) == len(items)
+        else:
+            results = [self.store.deliver(items[0][0], to=items[0][1])]
+        for (message, to), delivery in zip(items, results):
+            self._expect(message, to, delivery)
+
     def _check_everything(self) -> None:
         self._all_durable()
         for uid in USER_IDS:
@@ -138,26 +183,23 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(message=messages, to=recipient_lists)
     def deliver(self, message, to):
-        self._expect(message, to, self.store.deliver(message, to=to))
+        self._deliver_or_conflict([(message, to)], batch=False)
 
     @rule(items=batches)
     def deliver_many(self, items):
-        results = self.store.deliver_many(items)
-        assert len(results) == len(items)
-        for (message, to), delivery in zip(items, results):
-            self._expect(message, to, delivery)
+        self._deliver_or_conflict(items, batch=True)
 
     @precondition(lambda self: self.first)
-    @rule(data=st.data(), body=st.binary(max_size=6), to=recipient_lists, conv=st.integers(0, 3), batch=st.booleans())
-    def retry(self, data, body, to, conv, batch):
-        """A client retries an earlier key, here with another body and other recipients."""
-        sender, client_seq = data.draw(st.sampled_from(sorted(self.first)), label="key")
-        message = Message(sender, conv, client_seq, body)
-        if batch:
-            (delivery,) = self.store.deliver_many([(message, to)])
-        else:
-            delivery = self.store.deliver(message, to=to)
-        self._expect(message, to, delivery)
+    @rule(data=st.data(), same=st.booleans(), body=st.binary(max_size=6), to=recipient_lists, conv=st.integers(0, 3), batch=st.booleans())
+    def retry(self, data, same, body, to, conv, batch):
+        """A client retries an earlier key: with its content (recipients reordered or repeated, a new ts_ms), or with other content."""
+        key = data.draw(st.sampled_from(sorted(self.first)), label="key")
+        if same:
+            conv, body, users = self.contents[key]
+            to = data.draw(st.permutations(sorted(users)), label="recipient order") + data.draw(st.lists(st.sampled_from(sorted(users)), max_size=2), label="repeats")
+        ts_ms = data.draw(st.none() | st.integers(0, 2**64 - 1), label="ts_ms")
+        message = Message(key[0], conv, key[1], body, ts_ms=ts_ms, priority=data.draw(st.integers(0, 255), label="priority"))
+        self._deliver_or_conflict([(message, to)], batch=batch)
 
     @rule(items=batches, bad=st.sampled_from(["no recipients", "negative recipient", "body too large", "not a pair"]), where=st.integers(0, 6))
     def deliver_many_rejected(self, items, bad, where):
