@@ -270,7 +270,7 @@ def test_legacy_closed_store_opens_and_gains_the_marker(tmp_path):
         assert store.head(7) == store.head(9) == 40
         assert 13 <= store.head(11) <= 14
         assert [m.client_seq for m in store.sync(9, 0, 100).messages] == list(range(1, 41))
-        assert store.deliver(Message(7, 42, 1, b"retry"), to=[7, 9]).duplicate
+        assert store.deliver(Message(7, 42, 1, b"hello 1"), to=[7, 9]).duplicate  # a retry: same content
         assert store.check()["inbox_entries"] == 80 + store.head(11)
         assert store.deliver(Message(7, 42, 41, b"new"), to=[9]).cursors == {9: 41}
     marker = decode_marker(read_bytes(os.path.join(path, MARKER)))
