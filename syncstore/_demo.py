@@ -20,7 +20,13 @@ messaging server and checks the store got every bit of it right:
 6. *Verify.*  Every client holds exactly the messages the plan addressed to
    it: dense cursors 1..n, each message once, each sender's messages in send
    order, bodies intact, cursors equal to those ``deliver`` returned, heads
-   matching; then a clean close, reopen and ``store.check()``.
+   matching.  Clients keep ``(epoch, cursor)`` and pass the epoch to ``sync``:
+   no page of the normal run may be a reset page.
+7. *Safety* (:mod:`syncstore._demo_safety`): reused idempotency keys with
+   other content are refused, clients holding a cursor from the future get a
+   reset page and resync, and after the store's epoch is renewed (as a restore
+   does) clients of the old epoch do the same.  Then a clean reopen and
+   ``store.check()``.
 
 The function returns a frozen :class:`DemoResult`; :func:`format_report`
 renders it.  Progress is reported through a callback so the caller decides
@@ -39,13 +45,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from . import _demo_safety, _layout
 from . import store as _store
+from ._demo_safety import SafetyResult
 from .errors import CorruptionError, InvalidArgument
 from .model import Delivery, Message
 
 __all__ = ["DemoConfig", "Progress", "DemoResult", "run_demo", "format_report"]
 
 PAGE_SIZE = 50
+SAFETY_SAMPLE = 50  # reused keys, clients ahead, clients of an old epoch
 MIN_GROUP, MAX_GROUP = 3, 50
 _GROUP_CONV_BASE = 1 << 40  # conv ids of groups; 1:1 conv ids stay below
 _FILLER = (
@@ -116,6 +125,7 @@ class DemoResult:
     restart_open_ms: float
     check: Mapping[str, int]
     clients_verified: int
+    safety: SafetyResult
     failures: tuple[str, ...]
     failure_count: int
     total_seconds: float
@@ -201,6 +211,7 @@ class _Client:
     """A user's device: its last cursor and what it has received, in order."""
 
     cursor: int = 0
+    epoch: int | None = None  # kept with the cursor, from the pages it read
     received: list = field(default_factory=list)
 
 
@@ -272,8 +283,12 @@ class _Run:
         client = self.clients[uid]
         self.sessions += 1
         while True:
-            page = store.sync(uid, since=client.cursor, limit=PAGE_SIZE)
+            page = store.sync(uid, since=client.cursor, limit=PAGE_SIZE, epoch=client.epoch)
             self.pages += 1
+            if page.reset:
+                self.fail(f"user {uid}: a reset page ({page.reset_reason}) for cursor {client.cursor} of epoch {client.epoch}")
+                return
+            client.epoch = page.epoch
             for message in page.messages:
                 if message.cursor != client.cursor + 1:
                     self.fail(f"user {uid}: cursor {message.cursor} follows {client.cursor} (gap or repeat)")
@@ -444,9 +459,19 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
                     run.progress("catch-up", uid, users, "users")
             run.progress("verify", 0, 1, "")
             clients = _verify(run, store)
+            run.progress("safety", 0, 1, "")
+            rng = random.Random(config.seed + 3)
+            received = {uid: run.clients[uid].received for uid in range(1, users + 1)}
+            sample = rng.sample(run.plan.sends, min(SAFETY_SAMPLE, len(run.plan.sends)))
+            refused = _demo_safety.reused_keys(store, [(s.message, s.to) for s in sample], run.deliveries, run.fail)
+            ahead = _demo_safety.clients_ahead(store, received, rng, SAFETY_SAMPLE, run.fail)
+            old_epoch = store.epoch
         finally:
             store.close()
+        _layout.renew_epoch(path)  # as restoring an older copy would
         with _store.open(path, durability="sync") as store:
+            epoch_resets = _demo_safety.clients_of_an_old_epoch(store, old_epoch, received, rng, SAFETY_SAMPLE, run.fail)
+            safety = SafetyResult(refused, ahead, epoch_resets)
             try:
                 check = store.check()
             except CorruptionError as error:
@@ -482,6 +507,7 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
         restart_open_ms=open_ms,
         check=MappingProxyType(dict(check)),
         clients_verified=clients,
+        safety=safety,
         failures=tuple(run.failures),
         failure_count=run.failure_count,
         total_seconds=time.perf_counter() - began,
@@ -505,6 +531,11 @@ def format_report(result: DemoResult) -> str:
         f" {result.catchup_messages:,} messages read",
         f"  restart        close {result.restart_close_ms:.1f} ms, reopen (recovery) {result.restart_open_ms:.1f} ms",
     ]
+    s = result.safety
+    lines.append(
+        f"  safety         {s.reused_keys_refused} reused keys with other content refused (IdempotencyConflict);"
+        f" {s.ahead_resets} clients ahead of the store and {s.epoch_resets} of an old epoch reset and resynced"
+    )
     if result.check:
         lines.append(
             f"  store.check()  {result.check['users']:,} users, {result.check['inbox_entries']:,} inbox entries,"

@@ -213,7 +213,7 @@ def renew_epoch(store: str, fs: FileSystem = OS_FS) -> int:
                 os.close(lock_fd)
     finally:
         os.close(dir_fd)
-    log.warning("store %s has a new epoch %d (was %d): clients will resync", store, renewed.epoch, marker.epoch)
+    log.info("store %s has a new epoch %d (was %d): clients will resync", store, renewed.epoch, marker.epoch)
     return renewed.epoch
 
 

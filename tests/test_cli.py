@@ -56,8 +56,8 @@ def test_demo_removes_its_temporary_directory(tmp_path, monkeypatch):
 def test_verification_failure_exits_1(tmp_path, capsys, monkeypatch):
     real_sync = syncstore.Store.sync
 
-    def lossy_sync(self, user, since=0, limit=100):  # loses user 7's second message
-        page = real_sync(self, user, since, limit)
+    def lossy_sync(self, user, since=0, limit=100, epoch=None):  # loses user 7's second message
+        page = real_sync(self, user, since, limit, epoch)
         if user == 7:
             return dataclasses.replace(page, messages=tuple(m for m in page.messages if m.cursor != 2))
         return page
