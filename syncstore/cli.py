@@ -30,8 +30,11 @@ Thousands of users exchange 1:1 and group messages from several sender
 threads with durability="sync"; some sends are retried (and must come back as
 duplicates), clients go offline and catch up by cursor in pages of 50, and the
 store is closed and reopened half-way.  At the end every client must hold
-exactly the messages sent to it, in order, with no gaps and no duplicates, and
-store.check() must pass.  Prints a report; exits 0 only if verification passes.
+exactly the messages sent to it, in order, with no gaps and no duplicates.
+Then the safety checks: keys reused with other content must be refused, and
+clients holding a cursor from the future or from an old epoch must get a reset
+page and resync; store.check() must pass.  Prints a report; exits 0 only if
+verification passes.
 
 example:
     syncstore demo
