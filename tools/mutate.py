@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: tools/mutate.py syncstore/_ids.py tests/test_ids.py",
     )
     parser.add_argument("module", help="the module to mutate, e.g. syncstore/_ids.py")
-    parser.add_argument("tests", nargs="+", help="test files to run against each mutant")
+    parser.add_argument("tests", nargs="+", help="test files (or file::test node ids) to run against each mutant")
     parser.add_argument("--function", action="append", default=[], metavar="NAME",
                         help="only mutate inside this function or class (qualified name, glob allowed; repeatable)")
     parser.add_argument("--lines", action="append", default=[], type=_parse_lines, metavar="A-B",
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = os.getcwd()
     module = os.path.normpath(args.module)
-    tests = [os.path.normpath(t) for t in args.tests]
-    for path in (module, *tests):
+    tests = [os.path.normpath(t.partition("::")[0]) + "".join(t.partition("::")[1:]) for t in args.tests]
+    for path in (module, *(t.partition("::")[0] for t in tests)):
         if not os.path.exists(path) or os.path.isabs(path) or path.startswith(".."):
             parser.error(f"{path}: give paths relative to the repository root (run from there)")
     with open(module, encoding="utf-8") as f:
