@@ -150,6 +150,23 @@ def test_zeroed_durable_frame_is_refused_at_any_first_lsn(tmp_path, first, which
     assert read_bytes(path) == damaged, "a refused open must not modify the log"
 
 
+@pytest.mark.parametrize("exhaustive", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["sampled", "every-byte"])
+@pytest.mark.parametrize("first", FIRST_LSNS, ids=hex)
+def test_any_damaged_byte_of_a_durable_frame_is_refused_at_any_first_lsn(tmp_path, first, exhaustive):
+    directory = tmp_path / "w"
+    path, data, frame_spans, _records = three_frame_log(directory, first)
+    for which in (0, 1):
+        start, end = frame_spans[which]
+        for position in range(start, end, 1 if exhaustive else 7):
+            for xor in (0x01, 0x80, 0xFF) if exhaustive else (0x10,):
+                damaged = bytearray(data)
+                damaged[position] ^= xor
+                write_bytes(path, bytes(damaged))
+                with pytest.raises(CorruptionError) as info:
+                    WriteAheadLog.open(str(directory), next_lsn=first, segment_bytes=SMALL)
+                assert (info.value.path, info.value.offset) == (path, start), (which, position, xor)
+
+
 @pytest.mark.parametrize("first", FIRST_LSNS, ids=hex)
 def test_zeroed_last_frame_that_nothing_vouches_for_is_a_torn_tail(tmp_path, first, caplog):
     directory = tmp_path / "w"
