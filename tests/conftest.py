@@ -16,6 +16,16 @@ settings.register_profile(
 settings.load_profile(os.environ.get("SYNCSTORE_HYPOTHESIS", "ci"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``slow`` (the long variants) unless SYNCSTORE_SLOW=1."""
+    if os.environ.get("SYNCSTORE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="long variant: run with SYNCSTORE_SLOW=1")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def store_path(tmp_path):
     """A fresh directory for a store."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 import crcmod
@@ -195,6 +196,55 @@ def test_length_beyond_max_payload_is_rejected():
     assert decode_frame(data, 0) is None
 
 
+def test_max_payload_is_one_gib():
+    assert MAX_PAYLOAD == 1 << 30 == 1_073_741_824
+
+
+@pytest.mark.parametrize(("length", "refused_for_length"), [(2**30, False), (2**30 + 1, True)])
+def test_max_payload_limit_is_exact(monkeypatch, length, refused_for_length):
+    """A frame claiming MAX_PAYLOAD + 1 bytes is refused by its length alone, before any
+    CRC; one claiming exactly MAX_PAYLOAD bytes (all present) gets as far as its CRC.
+
+    The buffer is an anonymous mapping of 1 GiB + 8 bytes, of which only the first page
+    is ever touched: the CRC function is replaced by a recorder that reads nothing and
+    reports a mismatch, so no payload is copied or checksummed.
+    """
+    seen: list[int] = []
+
+    def recording_crc(data, value=0):
+        seen.append(len(data))
+        return 0  # never the stored CRC below: the frame is then refused by its CRC
+
+    monkeypatch.setattr(_codec, "crc32c", recording_crc)
+    buffer = mmap.mmap(-1, FRAME_PREFIX_SIZE + length)
+    try:
+        buffer[0:8] = struct.pack(">II", length, 0xDEADBEEF)
+        view = memoryview(buffer)
+        try:
+            assert decode_frame(view, 0) is None
+        finally:
+            view.release()
+    finally:
+        buffer.close()
+    if refused_for_length:
+        assert seen == [], "a length over MAX_PAYLOAD must be refused before the CRC is computed"
+    else:
+        assert length in seen, "a frame of exactly MAX_PAYLOAD bytes must reach its CRC check"
+
+
+@pytest.mark.parametrize("present", [0, 1, FRAME_LEAD_SIZE - 1, FRAME_LEAD_SIZE, FRAME_LEAD_SIZE + 5, 100])
+def test_length_overrunning_the_buffer_is_rejected_even_if_the_crc_matches_the_bytes_present(present):
+    """A torn last frame whose length word promises more than the buffer holds, and whose
+    CRC happens to match the length word and the payload bytes that are there."""
+    payload = struct.pack(">QBQ", 7, RECORD_DELIVER, 6) + bytes(range(1, 100))
+    payload = payload[:present]
+    word = struct.pack(">I", present + 1 + 100)  # one byte (or more) beyond the buffer
+    data = word + struct.pack(">I", _crcmod_crc32c(word + payload)) + payload
+    assert decode_frame(data, 0) is None
+    assert decode_frame(b"\x00" * 3 + data, 3) is None
+    assert decode_frame(memoryview(data), 0) is None
+
+
 # --- DELIVER records ------------------------------------------------------------------
 
 
@@ -212,6 +262,15 @@ def test_deliver_frame_is_a_frame_of_a_deliver_record(lsn, synced, record):
     frame = decode_frame(expected, 0)
     assert frame.lsn == lsn and frame.rtype == RECORD_DELIVER and frame.synced == synced
     assert decode_deliver(frame.body) == record
+
+
+def test_deliver_record_type_byte_is_1():
+    """The type byte is on disk in every existing WAL: its value is part of the format."""
+    assert RECORD_DELIVER == 1
+    record = Deliver(1, 2, 3, 4, 5, 6, b"body", ((7, 8),))
+    frame = _codec.encode_deliver_frame(10, 9, record)
+    assert frame[16] == 1
+    assert frame[8:25] == struct.pack(">QBQ", 10, 1, 9)
 
 
 def test_deliver_layout_matches_the_documented_format():
@@ -302,7 +361,9 @@ def test_every_single_byte_corruption_of_a_segment_header_is_detected():
             with pytest.raises(CorruptionError) as info:
                 decode_segment_header(_flip(header, position, xor), path="/d/wal-x.log")
             assert info.value.path == "/d/wal-x.log", (position, xor)
-            assert info.value.offset is not None
+            # The magic is checked first, then the CRC (before the fields it covers):
+            # every single-byte change is reported at the start of the header.
+            assert info.value.offset == 0, (position, xor)
 
 
 @given(U64_EDGES, st.integers(0, SEGMENT_HEADER_SIZE - 1), st.integers(1, 255))

@@ -56,8 +56,18 @@ def test_operations_reject_invalid_replica_ids(op: Any, replica: Any) -> None:
 
 @pytest.mark.parametrize("replica", [1, 2**63, U64_MAX])
 def test_operations_accept_any_nonzero_64_bit_replica_id(replica: int) -> None:
-    for op in REPLICA_OPS.values():
-        op(replica)
+    ops = REPLICA_OPS
+    assert ops["GCounter.increment"](replica) == GCounter(((replica, 1),))
+    assert ops["PNCounter.increment"](replica).value == 1
+    assert ops["PNCounter.decrement_delta"](replica) == PNCounter(minus=GCounter(((replica, 1),)))
+    added = ops["ORSet.add"](replica)
+    assert added.entries == (("x", (((replica, 1), None),)),) and added.context == DotContext(vv=((replica, 1),))
+    updated = ops["CRDTMap.update"](replica)
+    assert updated.value == {"f": 1} and updated.context == DotContext(vv=((replica, 1),))
+    assert ops["Stamp"](replica) == Stamp(1, 0, replica)
+    assert ops["HLC"](replica).now().replica == replica
+    for value in (added, updated, ops["GCounter.increment"](replica)):
+        assert decode(value.encode()) == value  # the extreme ids survive the encoding
 
 
 VALUE_OPS = {
@@ -84,12 +94,20 @@ def test_values_of_every_kind_and_extreme_size_are_accepted() -> None:
     assert ORSet.decode(s.encode()) == s
 
 
-@pytest.mark.parametrize("other", [PNCounter(), ORSet(), CRDTMap(), MaxRegister(), None])
-def test_merging_different_types_is_refused(other: Any) -> None:
-    with pytest.raises(InvalidArgument, match="cannot merge"):
-        GCounter().merge(other)
-    with pytest.raises(InvalidArgument, match="cannot merge"):
-        LWWRegister().merge(other)
+ALL_TYPES = [GCounter, PNCounter, LWWRegister, MaxRegister, ORSet, CRDTMap]
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES, ids=lambda k: k.__name__)
+def test_merging_different_types_is_refused(kind: type[CRDT]) -> None:
+    """Every type refuses every other, also ORSet and CRDTMap, which share their merge code."""
+    receivers = [kind(), *EXAMPLES_BY_TYPE[kind]]
+    others = [other() for other in ALL_TYPES if other is not kind] + [
+        x for other in ALL_TYPES if other is not kind for x in EXAMPLES_BY_TYPE[other]
+    ] + [None, frozenset(), {"f": 1}]
+    for receiver in receivers:
+        for other in others:
+            with pytest.raises(InvalidArgument, match="cannot merge"):
+                receiver.merge(other)
 
 
 # --- counters -------------------------------------------------------------------
@@ -222,6 +240,142 @@ def test_orset_remove_delta_arriving_before_its_add_still_removes_it() -> None:
     assert parked.merge(add).context == DotContext(vv=((1, 2),))
 
 
+def test_orset_merge_keeps_dots_both_sides_hold() -> None:
+    a = ORSet().add(1, "x")
+    b = a.merge(ORSet().add(2, "x"))  # a concurrent add of the same element: two dots
+    c = a.add(3, "y")  # a's entry unchanged, a new one
+    assert b.entries == (("x", (((1, 1), None), ((2, 1), None))),)
+    assert a.merge(b) == b == b.merge(a)
+    assert a.merge(c) == c == c.merge(a)
+    assert b.merge(c) == c.merge(b)
+    assert b.merge(c).entries == (("x", (((1, 1), None), ((2, 1), None))), ("y", (((3, 1), None),)))
+    for s in (a, b, c, b.merge(c)):
+        assert s.merge(s) == s and s.merge(s) is not None
+
+
+def test_orset_own_dot_known_only_from_the_cloud_is_not_reused() -> None:
+    """A replica whose own latest dot sits only in the dot cloud (its earlier deltas were
+    not received) must add with a dot beyond it: reusing dot 1 would make the element
+    collide with the replica's earlier add of another element."""
+    s, deltas = ORSet(), []
+    for element in "abcd":
+        deltas.append(s.add_delta(1, element))
+        s = s.merge(deltas[-1])
+    partial = ORSet().merge(deltas[3])  # only the last delta arrived: dot (1, 4) in the cloud
+    assert partial.context == DotContext(vv=(), cloud=((1, 4),))
+    assert partial.add_delta(1, "e").entries == (("e", (((1, 5), None),)),)
+    assert partial.add_delta(2, "e").entries == (("e", (((2, 1), None),)),)  # others start at 1
+    added = partial.add(1, "e")
+    merged = added.merge(s)
+    assert merged.value == frozenset("abcde")
+    assert merged == s.merge(added)
+    assert merged.context == DotContext(vv=((1, 5),))
+
+
+def test_orset_states_with_cloud_dots_and_multi_dot_entries_round_trip() -> None:
+    """Canonical forms at the edges of the decoder's checks must decode."""
+    s, deltas = ORSet(), []
+    for element in "abcde":
+        deltas.append(s.add_delta(1, element))
+        s = s.merge(deltas[-1])
+    cases = {
+        "cloud dot 2, no vv entry": (ORSet().merge(deltas[1]), DotContext(cloud=((1, 2),))),
+        "vv 1, cloud dot 3": (ORSet().merge(deltas[0]).merge(deltas[2]), DotContext(vv=((1, 1),), cloud=((1, 3),))),
+        "two cloud dots of one replica": (ORSet().merge(deltas[2]).merge(deltas[4]), DotContext(cloud=((1, 3), (1, 5)))),
+    }
+    for name, (state, context) in cases.items():
+        assert state.context == context, name
+        assert ORSet.decode(state.encode()) == state, name
+    three = ORSet().add(3, "x").merge(ORSet().add(1, "x")).merge(ORSet().add(2, "x"))
+    assert [dot for dot, _ in three.entries[0][1]] == [(1, 1), (2, 1), (3, 1)]
+    assert ORSet.decode(three.encode()) == three
+    doc = CRDTMap().update(1, "f", GCounter, lambda c: c.increment(1)).merge(
+        CRDTMap().update(2, "f", GCounter, lambda c: c.increment(2, 5))
+    )
+    assert [dot for dot, _ in doc.entries[0][1]] == [(1, 1), (2, 1)] and doc.value == {"f": 6}
+    assert CRDTMap.decode(doc.encode()) == doc
+    # Two entries of the smallest size (25 bytes each): the count fits exactly.
+    smallest = ORSet().add(1, b"").add(1, "")
+    assert len(smallest.encode()) == 12 + 4 + 16 + 4 + 4 + 2 * 25
+    assert ORSet.decode(smallest.encode()) == smallest
+
+
+def _pairs(*pairs: tuple[int, int]) -> bytes:
+    return struct.pack(">I", len(pairs)) + b"".join(struct.pack(">QQ", *p) for p in pairs)
+
+
+def _int_key(n: int) -> bytes:
+    return b"\x00" + struct.pack(">q", n)
+
+
+def _orset_body(vv: list, cloud: list, entries: list) -> bytes:
+    """An ORSet body: context, then (key bytes, [dots]) entries, written as given."""
+    out = _pairs(*vv) + _pairs(*cloud) + struct.pack(">I", len(entries))
+    for key, dots in entries:
+        out += key + _pairs(*dots)
+    return out
+
+
+def test_orset_body_helper_writes_the_canonical_form() -> None:
+    # The refused bodies below differ from a canonical one only in what they name.
+    canonical = _orset_body([(1, 2), (2, 1)], [], [(_int_key(1), [(1, 1), (2, 1)]), (_int_key(2), [(1, 2)])])
+    expected = ORSet().add(1, 1).add(1, 2).merge(ORSet().add(2, 1))
+    assert canonical == expected.encode()[8:-4]
+    assert decode(frame(5, canonical)) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "offset"),
+    [
+        # Entries: swapped, repeated (with different dots), one dot under two keys.
+        (_orset_body([(1, 2)], [], [(_int_key(2), [(1, 1)]), (_int_key(1), [(1, 2)])]), "entry 1 is out of order or repeated", 65),
+        (_orset_body([(1, 2)], [], [(_int_key(1), [(1, 1)]), (_int_key(1), [(1, 2)])]), "entry 1 is out of order or repeated", 65),
+        (_orset_body([(1, 1)], [], [(_int_key(1), [(1, 1)]), (_int_key(2), [(1, 1)])]), r"dot \(1, 1\) is out of order, repeated", 78),
+        # Dots of one entry: swapped, repeated, and a third dot below the second.
+        (_orset_body([(1, 1), (2, 1)], [], [(_int_key(1), [(2, 1), (1, 1)])]), r"dot \(1, 1\) is out of order", 81),
+        (_orset_body([(1, 1)], [], [(_int_key(1), [(1, 1), (1, 1)])]), r"dot \(1, 1\) is out of order, repeated", 65),
+        (_orset_body([(1, 1), (2, 1), (3, 1)], [], [(_int_key(1), [(1, 1), (3, 1), (2, 1)])]), r"dot \(2, 1\) is out of order", 113),
+        # Version vector: a replica repeated, replicas swapped.
+        (_orset_body([(1, 1), (1, 2)], [], []), r"pair \(1, 2\) is out of order or repeated", 28),
+        (_orset_body([(2, 1), (1, 1)], [], []), r"pair \(1, 1\) is out of order or repeated", 28),
+        # Cloud: dots swapped or repeated; a dot that belongs in the version vector
+        # (reported at the start of the cloud).
+        (_orset_body([], [(1, 5), (1, 3)], []), r"pair \(1, 3\) is out of order or repeated", 32),
+        (_orset_body([], [(1, 3), (1, 3)], []), r"pair \(1, 3\) is out of order or repeated", 32),
+        (_orset_body([(1, 2)], [(1, 3)], []), r"cloud dot \(1, 3\) belongs in the version vector", 28),
+        (_orset_body([], [(1, 1)], []), r"cloud dot \(1, 1\) belongs in the version vector", 12),
+        # An entry count that cannot fit the bytes left (entries take >= 25 bytes each).
+        (_orset_body([], [], []).replace(struct.pack(">I", 0) * 3, struct.pack(">III", 0, 0, 2)) + bytes(49), "count 2 does not fit the 49 bytes left", 16),
+    ],
+    ids=[
+        "entries-swapped", "entry-repeated", "dot-under-two-keys", "dots-swapped", "dot-repeated-in-entry",
+        "third-dot-below-second", "vv-replica-repeated", "vv-swapped", "cloud-swapped", "cloud-repeated",
+        "cloud-dot-next-to-vv", "cloud-dot-1", "entry-count-too-big",
+    ],
+)
+def test_orset_decoder_refuses_non_canonical_bodies(body: bytes, message: str, offset: int) -> None:
+    with pytest.raises(CorruptionError, match=message) as caught:
+        ORSet.decode(frame(5, body))
+    assert caught.value.offset == offset
+
+
+def _map_body(vv: list, fields: list) -> bytes:
+    """A CRDTMap body whose fields ``(name, dot)`` each hold GCounter {1: 1} under one dot."""
+    body = _pairs(*vv) + _pairs() + struct.pack(">I", len(fields))
+    for name, dot in fields:
+        body += b"\x02" + struct.pack(">I", len(name)) + name.encode() + _pairs(dot) + b"\x01" + _pairs((1, 1))
+    return body
+
+
+def test_map_decoder_refuses_one_dot_under_two_fields() -> None:
+    ok = CRDTMap.decode(frame(6, _map_body([(1, 2)], [("a", (1, 1)), ("b", (1, 2))])))
+    assert ok.value == {"a": 1, "b": 1}
+    with pytest.raises(CorruptionError, match=r"dot \(1, 1\) is out of order, repeated") as caught:
+        CRDTMap.decode(frame(6, _map_body([(1, 1)], [("a", (1, 1)), ("b", (1, 1))])))
+    # head, context, entry count, field "a" (name, dot count, dot, payload), then "b" and its dot count
+    assert caught.value.offset == 8 + 24 + 4 + (6 + 4 + 16 + 1 + 20) + 6 + 4
+
+
 def test_orset_membership_of_other_types_is_false() -> None:
     s = ORSet().add(1, 1)
     assert 1 in s and 1.0 not in s and True not in s and b"1" not in s
@@ -254,8 +408,10 @@ def test_map_fields_merge_field_by_field() -> None:
     c = a.update(3, "pins", ORSet, lambda s: s.add(3, b"conv-2"))
     merged = b.merge(c)
     assert merged == c.merge(b)
-    assert merged.value["badge"] == 2
-    assert merged.value["pins"] == frozenset({b"conv-1", b"conv-2"})
+    # Every field, including "muted", which both sides hold unchanged from a.
+    assert merged.value == {"badge": 2, "muted": 1, "pins": frozenset({b"conv-1", b"conv-2"})}
+    assert merged.merge(a) == merged and a.merge(merged) == merged  # a's updates are all in it
+    assert merged.merge(merged) == merged
 
 
 def test_map_update_concurrent_with_remove_wins_with_the_whole_value() -> None:
@@ -339,9 +495,10 @@ def test_hlc_update_refuses_a_stamp_too_far_ahead_and_changes_nothing() -> None:
 
 def test_hlc_default_drift_bound_is_a_minute() -> None:
     clock = HLC(1, lambda: 0)
-    clock.update(Stamp(60_000, 0, 2))
+    assert clock.update(Stamp(60_000, 0, 2)) == Stamp(60_000, 1, 1)
     with pytest.raises(InvalidArgument):
         clock.update(Stamp(60_001, 0, 2))
+    assert clock.now() == Stamp(60_000, 2, 1)  # the refused stamp changed nothing
 
 
 def test_hlc_logical_counter_carries_into_the_next_millisecond() -> None:
@@ -395,6 +552,9 @@ EXAMPLES: list[CRDT] = [
     ORSet().add(1, b"a").add(2, "b"),
     _settings(5),
 ]
+
+
+EXAMPLES_BY_TYPE: dict[type, list[CRDT]] = {kind: [x for x in EXAMPLES if type(x) is kind] for kind in ALL_TYPES}
 
 
 @pytest.mark.parametrize("x", EXAMPLES, ids=lambda x: type(x).__name__)

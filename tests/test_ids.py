@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -54,6 +55,26 @@ def test_layout_bits():
     ids = MessageIds(5, FakeClock(EPOCH_MS + 3))
     assert ids.next() == (3 << 22) | (5 << 12) | 0
     assert ids.next() == (3 << 22) | (5 << 12) | 1
+
+
+def test_id_time_zero_is_2020_01_01_utc():
+    """The epoch is pinned by exact ids for exact clock readings (literals, not EPOCH_MS:
+    a changed constant would otherwise move the test along with the code)."""
+    epoch = int(datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()) * 1000
+    assert epoch == 1_577_836_800_000 == EPOCH_MS
+    # Time 0, replica 0, sequence 0 is the integer 0; the next id is sequence 1.
+    first = MessageIds(0, FakeClock(1_577_836_800_000))
+    assert (first.next(), first.next()) == (0, 1)
+    assert MessageIds(5, FakeClock(1_577_836_800_003)).next() == (3 << 22) | (5 << 12)
+    assert MessageIds(1023, FakeClock(1_700_000_000_000)).next() == (122_163_200_000 << 22) | (1023 << 12)
+    assert msg_id_ms(0) == 1_577_836_800_000
+    assert msg_id_ms((122_163_200_000 << 22) | 0xFFF) == 1_700_000_000_000
+
+
+def test_a_clock_before_2020_counts_as_2020_01_01():
+    for reading in (0, 1_000, 1_577_836_799_999):
+        gen = MessageIds(2, FakeClock(reading))
+        assert [gen.next() for _ in range(3)] == [(2 << 12) | n for n in range(3)], reading
 
 
 def test_replicas_never_collide_at_the_same_instant():
@@ -158,7 +179,20 @@ def test_floor_is_honoured_when_the_clock_is_earlier(replica, floor_ms, floor_se
     b = gen.next()
     assert floor < a < b
     assert msg_id_replica(a) == replica
-    assert msg_id_ms(a) in (floor_ms, floor_ms + 1)  # same ms, or borrowed if the floor's was full
+    # The same millisecond with the next sequence number; the next millisecond only
+    # when the floor's sequence is exhausted.
+    if floor_seq < 4095:
+        assert (msg_id_ms(a), seq(a)) == (floor_ms, floor_seq + 1)
+    else:
+        assert (msg_id_ms(a), seq(a)) == (floor_ms + 1, 0)
+    assert b == a + 1 or (seq(a) == 4095 and (msg_id_ms(b), seq(b)) == (msg_id_ms(a) + 1, 0))
+
+
+@pytest.mark.parametrize(("floor_seq", "expected_ms", "expected_seq"), [(0, NOW, 1), (4094, NOW, 4095), (4095, NOW + 1, 0)])
+def test_floor_with_the_clock_behind_takes_the_next_sequence_number(floor_seq, expected_ms, expected_seq):
+    floor = ((NOW - EPOCH_MS) << 22) | (6 << 12) | floor_seq
+    msg_id = MessageIds(6, FakeClock(NOW - 1_000), floor=floor).next()
+    assert msg_id == ((expected_ms - 1_577_836_800_000) << 22) | (6 << 12) | expected_seq
 
 
 def test_floor_continues_above_the_previous_generator():
@@ -185,14 +219,24 @@ def test_ids_never_exceed_64_bits():
     """Past the layout's last millisecond (year 2159, or a clock in microseconds by mistake)
     the generator must refuse rather than hand out an id that no u64 field can store."""
     gen = MessageIds(0, FakeClock(LAST_MS))
-    assert gen.next() < 2**64
+    assert gen.next() == ((1 << 42) - 1) << 22  # the last millisecond is still an id
     for bad in (LAST_MS + 1, time.time_ns() // 1000):
-        gen = MessageIds(1, FakeClock(bad))
-        try:
-            msg_id = gen.next()
-        except SyncStoreError:
-            continue
-        assert msg_id < 2**64, bad
+        clock = FakeClock(bad)
+        gen = MessageIds(1, clock)
+        with pytest.raises(SyncStoreError, match="beyond the message id range") as info:
+            gen.next()
+        assert "milliseconds" in info.value.hint
+        clock.now = NOW  # the refusal issued nothing and wedged nothing
+        assert gen.next() == ((NOW - EPOCH_MS) << 22) | (1 << 12)
+    # Borrowing past the last millisecond is refused too, also without a state change.
+    clock = FakeClock(LAST_MS)
+    gen = MessageIds(3, clock)
+    ids = [gen.next() for _ in range(4096)]
+    assert msg_id_ms(ids[-1]) == LAST_MS and seq(ids[-1]) == 4095
+    with pytest.raises(SyncStoreError):
+        gen.next()
+    with pytest.raises(SyncStoreError):
+        gen.next()
 
 
 def test_thread_safe_under_the_stores_lock():
