@@ -323,9 +323,11 @@ def seal_frames(frames: bytearray, synced: int) -> None:
     offset, end = 0, len(frames)
     view = memoryview(frames)
     try:
-        while offset < end:
+        while offset + FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE <= end:
             (length,) = _crc.unpack_from(frames, offset)
             start = offset + FRAME_PREFIX_SIZE
+            if start + length > end:
+                break
             _u64.pack_into(frames, start + _SYNCED_OFFSET, synced)
             _crc.pack_into(frames, offset + 4, crc32c(view[start : start + length], crc32c(view[offset : offset + 4])))
             offset = start + length

@@ -312,17 +312,20 @@ def test_deliver_shorter_than_fixed_part_is_corruption_naming_where():
 # --- LMDB values ------------------------------------------------------------------------
 
 
-@given(U64_EDGES, PAIRS)
-def test_dedup_round_trip(msg_id, pairs):
-    value = encode_dedup(msg_id, pairs)
-    assert len(value) == 12 + 16 * len(pairs)
-    assert value[:8] == struct.pack(">Q", msg_id)
-    assert decode_dedup(value) == (msg_id, pairs)
+FINGERPRINTS = st.binary(min_size=16, max_size=16)
 
 
-@given(U64_EDGES, PAIRS, st.integers(1, 20))
-def test_dedup_bad_lengths_are_corruption(msg_id, pairs, cut):
-    value = encode_dedup(msg_id, pairs)
+@given(U64_EDGES, FINGERPRINTS, PAIRS)
+def test_dedup_round_trip(msg_id, fingerprint, pairs):
+    value = encode_dedup(msg_id, fingerprint, pairs)
+    assert len(value) == 28 + 16 * len(pairs)  # msg_id, 16-byte fingerprint, count, pairs
+    assert value[:8] == struct.pack(">Q", msg_id) and value[8:24] == fingerprint
+    assert decode_dedup(value) == (msg_id, fingerprint, pairs)
+
+
+@given(U64_EDGES, FINGERPRINTS, PAIRS, st.integers(1, 20))
+def test_dedup_bad_lengths_are_corruption(msg_id, fingerprint, pairs, cut):
+    value = encode_dedup(msg_id, fingerprint, pairs)
     with pytest.raises(CorruptionError):
         decode_dedup(value[: max(0, len(value) - cut)])
     with pytest.raises(CorruptionError):

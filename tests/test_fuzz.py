@@ -263,16 +263,16 @@ def test_decode_deliver_of_mutated_records_raises_only_corruption_error(record, 
 
 def check_decode_dedup(value: bytes) -> None:
     try:
-        msg_id, pairs = _codec.decode_dedup(value)
+        msg_id, fingerprint, pairs = _codec.decode_dedup(value)
     except CorruptionError:
         return
-    assert _codec.encode_dedup(msg_id, pairs) == value
+    assert _codec.encode_dedup(msg_id, fingerprint, pairs) == value
 
 
 @fuzz(1500)
 @given(value=st.binary(max_size=512), record=delivers(), data=st.data())
 def test_decode_dedup_raises_only_corruption_error(value, record, data):
-    mutated = mutate(data, _codec.encode_dedup(record.msg_id, record.pairs))
+    mutated = mutate(data, _codec.encode_dedup(record.msg_id, _codec.dedup_fingerprint(record.conv, record.body), record.pairs))
     with bounded_memory(len(value) + len(mutated)):
         check_decode_dedup(value)
         check_decode_dedup(mutated)
@@ -336,7 +336,7 @@ def test_length_words_are_checked_before_anything_is_allocated(length):
     with bounded_memory(len(frame), slack=64 << 10):
         assert _codec.decode_frame(frame, 0) is None
     deliver = bytes(41) + struct.pack(">II", length, length) + bytes(100)
-    dedup = struct.pack(">QI", 1, length) + bytes(48)
+    dedup = struct.pack(">Q16sI", 1, bytes(16), length) + bytes(48)
     with bounded_memory(len(deliver) + len(dedup), slack=64 << 10):
         with pytest.raises(CorruptionError):
             _codec.decode_deliver(deliver)

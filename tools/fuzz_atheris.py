@@ -138,7 +138,7 @@ def _crdt_samples() -> list[bytes]:
 def seeds() -> list[bytes]:
     record = Deliver(1 << 40, 2, 3, 4, 5, 6, b"hello", ((1, 1), (2, 7)))
     frame = _codec.encode_deliver_frame(5, 4, record)
-    out = [bytes([0]) + frame, bytes([1]) + frame, bytes([2]) + _codec.encode_deliver(record), bytes([3]) + _codec.encode_dedup(9, ((1, 2), (3, 4)))]
+    out = [bytes([0]) + frame, bytes([1]) + frame, bytes([2]) + _codec.encode_deliver(record), bytes([3]) + _codec.encode_dedup(9, _codec.dedup_fingerprint(1, b"x"), ((1, 2), (3, 4)))]
     out.append(bytes([4]) + _codec.encode_segment_header(1))
     out += [bytes([k]) + encoded for encoded in _crdt_samples() for k in (5, 6)]
     out += [bytes([7]) + FRAMES, bytes([8]) + FRAMES[SEGMENT_HEADER_SIZE:], bytes([9]) + b"\x00\x00\x01\x00garbage", bytes([10]) + b"\x07" + frame]
@@ -174,10 +174,10 @@ def target_deliver(data: bytes) -> None:
 
 def target_dedup(data: bytes) -> None:
     try:
-        msg_id, pairs = _codec.decode_dedup(data)
+        msg_id, fingerprint, pairs = _codec.decode_dedup(data)
     except CorruptionError:
         return
-    assert _codec.encode_dedup(msg_id, pairs) == data
+    assert _codec.encode_dedup(msg_id, fingerprint, pairs) == data
 
 
 def target_header(data: bytes) -> None:
