@@ -90,19 +90,9 @@ class Overlay:
 
     def forget(self, upto_lsn: int) -> None:
         """Drop the records with LSN <= ``upto_lsn``: LMDB has them now."""
-        records, inbox = self._records, self._inbox
+        records = self._records
         while records and records[0][0] <= upto_lsn:
-            lsn, record = records.popleft()
-            for uid, _cursor in record.pairs:
-                entries = inbox.get(uid)
-                if entries and entries[0][1] == lsn:
-                    del entries[0]
-                    if not entries:
-                        del inbox[uid]
-            key = (record.sender, record.client_seq)
-            pending = self._dedup.get(key)
-            if pending is not None and pending[0] == lsn:
-                del self._dedup[key]
+            self._unindex(*records.popleft(), 0)
 
     def rollback(self, after_lsn: int) -> int:
         """Drop the newest records, those with LSN > ``after_lsn`` (their write failed); return how many.
@@ -110,22 +100,26 @@ class Overlay:
         Sound only because no reader was shown them (only durable records are
         visible) and no caller was acknowledged: their cursors may be reused.
         """
-        records, inbox = self._records, self._inbox
+        records = self._records
         dropped = 0
         while records and records[-1][0] > after_lsn:
-            lsn, record = records.pop()
-            for uid, _cursor in record.pairs:
-                entries = inbox.get(uid)
-                if entries and entries[-1][1] == lsn:
-                    del entries[-1]
-                    if not entries:
-                        del inbox[uid]
-            key = (record.sender, record.client_seq)
-            pending = self._dedup.get(key)
-            if pending is not None and pending[0] == lsn:
-                del self._dedup[key]
+            self._unindex(*records.pop(), -1)
             dropped += 1
         return dropped
+
+    def _unindex(self, lsn: int, record: Deliver, end: int) -> None:
+        """Remove a record taken off one ``end`` of the queue (0: oldest, -1: newest) from the indexes."""
+        inbox = self._inbox
+        for uid, _cursor in record.pairs:
+            entries = inbox.get(uid)
+            if entries and entries[end][1] == lsn:
+                del entries[end]
+                if not entries:
+                    del inbox[uid]
+        key = (record.sender, record.client_seq)
+        pending = self._dedup.get(key)
+        if pending is not None and pending[0] == lsn:
+            del self._dedup[key]
 
     def check_continues(self, heads: dict[int, int], applied_lsn: int) -> str | None:
         """Describe the first user whose pending cursors do not densely continue ``heads``, else None.
