@@ -26,11 +26,13 @@ from .errors import (
     UsedAfterFork,
 )
 from .model import Delivery, Message, Messages, Page, StoredMessage
+from ._layout import renew_epoch
 from .store import DURABILITY_MODES, Store, open
 
 __all__ = [
     "crdt",
     "open",
+    "renew_epoch",
     "Store",
     "Message",
     "Delivery",

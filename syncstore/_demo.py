@@ -468,7 +468,7 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             old_epoch = store.epoch
         finally:
             store.close()
-        _layout.renew_epoch(path)  # as restoring an older copy would
+        _layout.renew_epoch(path)  # as restoring an older copy would (syncstore.renew_epoch)
         with _store.open(path, durability="sync") as store:
             epoch_resets = _demo_safety.clients_of_an_old_epoch(store, old_epoch, received, rng, SAFETY_SAMPLE, run.fail)
             safety = SafetyResult(refused, ahead, epoch_resets)

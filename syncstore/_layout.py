@@ -43,6 +43,7 @@ created: a refused open leaves the directory as it found it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -188,24 +189,38 @@ def new_epoch() -> int:
             return epoch
 
 
-def renew_epoch(store: str, fs: FileSystem = OS_FS) -> int:
-    """Give the (closed) store in ``store`` a new epoch and return it.
+def renew_epoch(store: str | os.PathLike[str], fs: FileSystem = OS_FS) -> int:
+    """Give the closed store in directory ``store`` a new epoch and return it (``syncstore.renew_epoch``).
 
     Anything that rewinds the store's history -- restoring an older copy --
     must call this before the store serves clients again: a client holding
     a cursor of the old history then gets a reset page (``reset_reason ==
     "epoch"``) instead of silently missing what the rewind took back.
-    Raises :class:`StoreLocked` if the store is open, :class:`StoreNotFound`
-    if there is no marker.
+    Raises :class:`InvalidArgument` for an empty path, :class:`StoreLocked`
+    if the store is open, :class:`StoreNotFound` if there is no store
+    marker, :class:`CorruptionError` if the marker is damaged; the marker is
+    then unchanged.
     """
-    dir_fd = lock_directory(store)
+    if not isinstance(store, (str, os.PathLike)) or not os.fspath(store):
+        raise InvalidArgument(f"renew_epoch needs the path of a store directory, got {store!r}", key="store")
+    store = os.fspath(store)
+    if not os.path.isfile(os.path.join(store, MARKER)):
+        raise StoreNotFound(
+            f"no store at {store}: there is no {MARKER} marker",
+            path=store,
+            hint="pass the directory of a store (one that syncstore.open has opened as a writer)",
+        )
     try:
-        lock_fd = hold_lock_file(store, create=False)
+        dir_fd = lock_directory(store)
+    except StoreLocked as error:
+        raise StoreLocked(error.message, holder=error.holder, path=error.path, hint="close the store first: an epoch is renewed on a closed store") from None
+    try:
         try:
-            try:
-                marker = read_marker(store, fs)
-            except FileNotFoundError:
-                raise StoreNotFound(f"no store marker in {store}", path=os.path.join(store, MARKER)) from None
+            lock_fd = hold_lock_file(store, create=False)
+        except StoreLocked as error:
+            raise StoreLocked(error.message, holder=error.holder, path=error.path, hint="close the store first: an epoch is renewed on a closed store") from None
+        try:
+            marker = read_marker(store, fs)
             renewed = dataclasses.replace(marker, epoch=new_epoch())
             write_marker(store, renewed, store_file_mode(store), fs)
         finally:
@@ -221,10 +236,11 @@ def renew_epoch(store: str, fs: FileSystem = OS_FS) -> int:
 
 
 def check_file_mode(mode: object) -> int:
-    """``mode`` if it is a valid ``file_mode`` (0600, 0640, 0620 or 0660), else :class:`InvalidArgument`."""
-    if type(mode) is not int or mode & ~_ALLOWED_MODE_BITS or mode & 0o600 != 0o600:  # type: ignore[operator]
+    """``mode`` if it is a valid ``file_mode`` (0600, 0640 or 0660), else :class:`InvalidArgument`."""
+    if type(mode) is not int or mode not in (0o600, 0o640, 0o660):
+        shown = f"{mode:#o}" if type(mode) is int else repr(mode)
         raise InvalidArgument(
-            f"file_mode must be 0o600, or 0o640/0o660 to let the files' group read/write, got {mode!r}",
+            f"file_mode must be 0o600, or 0o640/0o660 to let the files' group read/write, got {shown}",
             key="file_mode",
             hint="the owner needs read and write; others get nothing (private messages)",
         )
@@ -239,8 +255,25 @@ def dir_mode(file_mode: int) -> int:
 def make_dir(path: str, file_mode: int) -> None:
     """Create directory ``path`` (not its parents) with the mode matching ``file_mode``, whatever the umask."""
     mode = dir_mode(file_mode)
-    os.mkdir(path, mode)
+    try:
+        os.mkdir(path, mode)
+    except PermissionError as error:
+        parent = os.path.dirname(os.path.abspath(path))
+        raise permission_denied(PermissionError(error.errno, error.strerror, parent), f"write and search (-wx) access to create the store directory {path} in it") from None
+    except FileNotFoundError:
+        raise LayoutError(f"cannot create the store directory {path}: its parent does not exist and could not be made", path=path) from None
     os.chmod(path, mode)
+
+
+def apply_file_mode(store: str, file_mode: int) -> None:
+    """Give every directory and file of an existing store the modes matching ``file_mode`` (``open(file_mode=...)``)."""
+    directories = [store, os.path.join(store, WAL_DIR), os.path.join(store, STATE_DIR)]
+    for directory in directories:
+        os.chmod(directory, dir_mode(file_mode))
+        for name in os.listdir(directory):
+            entry = os.path.join(directory, name)
+            if os.path.isfile(entry) and not os.path.islink(entry):
+                os.chmod(entry, file_mode)
 
 
 def create_file(fs: FileSystem, path: str, flags: int, file_mode: int) -> int:
@@ -311,9 +344,14 @@ def _is_segment_name(name: str) -> bool:
 
 
 def permission_denied(error: OSError, access: str) -> PermissionDenied:
-    """The :class:`PermissionDenied` for ``error`` (EACCES/EPERM), naming its path and the ``access`` needed."""
+    """The :class:`PermissionDenied` for ``error`` (EACCES/EPERM), naming its path, the ``access`` needed and the path's owner and mode."""
     path = error.filename if isinstance(error.filename, str) else None
-    return PermissionDenied(f"permission denied: {path} needs {access} (running as uid {os.geteuid()})", path=path)
+    owner = ""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            owner = f"; it is owned by uid {info.st_uid}, gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}"
+    return PermissionDenied(f"permission denied: {path} needs {access} (running as uid {os.geteuid()}{owner})", path=path)
 
 
 def inspect(path: str) -> Found:

@@ -230,6 +230,12 @@ class Store:
         _check_option_int("replica_id", replica_id, 0, MAX_REPLICA)
         _check_option_int("map_size", map_size, 1 << 20)
         if max_map_size is not None:
+            if type(max_map_size) is int and type(map_size) is int and max_map_size < map_size:
+                raise InvalidArgument(
+                    f"max_map_size ({max_map_size}) is below map_size ({map_size}; the default is 64 GiB)",
+                    key="max_map_size",
+                    hint="pass a smaller map_size too, or a larger max_map_size",
+                )
             _check_option_int("max_map_size", max_map_size, map_size)
         _check_option_int("hot_window_ms", hot_window_ms, 1)
         _check_option_int("dedup_window_ms", dedup_window_ms, hot_window_ms)
@@ -334,7 +340,12 @@ class Store:
             if not create:
                 raise StoreNotFound(f"no store at {path}: the directory does not exist", path=path)
             parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)  # parents keep the default mode; the store itself is private
+            try:
+                os.makedirs(parent, exist_ok=True)  # parents keep the default mode; the store itself is private
+            except PermissionError as error:
+                raise _layout.permission_denied(error, "write and search (-wx) access to create the directories above the store") from None
+            except OSError as error:
+                raise LayoutError(f"cannot create the directories above the store {path}: {error.strerror}", path=parent) from None
             with contextlib.suppress(FileExistsError):  # created meanwhile by another process: the lock decides
                 _layout.make_dir(path, file_mode or DEFAULT_FILE_MODE)
         # Hold the directory while validating: nobody else opens or creates the store
@@ -347,7 +358,11 @@ class Store:
                     raise StoreNotFound(f"no store at {path}: the directory is empty", path=path)
                 self._create(replica_id, file_mode or DEFAULT_FILE_MODE)
                 found = Found("store")
-            self._open_existing(found, replica_id, map_size, max_map_size, segment_bytes, file_mode or _layout.store_file_mode(path))
+            existing_mode = _layout.store_file_mode(path)
+            self._open_existing(found, replica_id, map_size, max_map_size, segment_bytes, file_mode or existing_mode)
+            if file_mode is not None and file_mode != existing_mode:  # opened fine: now share (or unshare) it all
+                _layout.apply_file_mode(path, file_mode)
+                log.info("store %s: files now mode %04o", path, file_mode)
         finally:
             os.close(dir_fd)
 
