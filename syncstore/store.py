@@ -259,7 +259,7 @@ class Store:
             try:
                 clock()  # once, so that a clock returning floats (or seconds as a str) fails here, not at the first delivery
             except SyncStoreError as error:
-                raise InvalidArgument(error.message, key="clock_ms", hint="clock_ms must return int milliseconds since the Unix epoch") from error
+                raise InvalidArgument(error.message, key="clock_ms", hint="fix the clock_ms callable: it must return int milliseconds since the Unix epoch, e.g. lambda: time.time_ns() // 1_000_000") from error
         if fs is not None and not isinstance(fs, FileSystem):
             raise InvalidArgument(f"fs must be a syncstore._fileio.FileSystem, got {fs!r}", key="fs")
         if os.path.exists(path) and not os.path.isdir(path):
