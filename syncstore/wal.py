@@ -81,18 +81,22 @@ def _vouching_frame(data: bytes, start: int, bad_lsn: int) -> int | None:
     for the high bytes of plausible LSNs (at offset 8 of every frame).
     """
     # Only the written part can hold a frame; without this bound, the zero bytes
-    # of a preallocated tail would all match the zero high bytes of small LSNs.
-    end = len(data.rstrip(b"\0"))
+    # of a preallocated tail would all match the zero high bytes of small LSNs.  A
+    # frame may itself end in zero bytes (an empty body, a synced LSN with zero low
+    # bytes), so the search reaches one frame lead past the last non-zero byte.
+    written = len(data.rstrip(b"\0"))
+    end = min(len(data), written + FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE)
     # A later frame's LSN can exceed bad_lsn by at most the number of frames that fit.
-    highest = bad_lsn + (end - start) // (FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE) + 1
-    prefixes = {((bad_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1)}
+    highest = bad_lsn + (written - start) // (FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE) + 1
+    # The high 5 bytes of bad_lsn and of the next 2**24 LSNs (none beyond the 64-bit range).
+    prefixes = {((bad_lsn >> 24) + k).to_bytes(5, "big") for k in (0, 1) if (bad_lsn >> 24) + k < 1 << 40}
     for prefix in prefixes:
         hit = data.find(prefix, start + FRAME_PREFIX_SIZE, end)
         while hit != -1:
             candidate = hit - FRAME_PREFIX_SIZE
             # Cheap header checks before any CRC, so that body bytes which merely look
             # like an LSN cost O(1) each rather than a CRC over a claimed length.
-            if candidate + FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE <= end:
+            if candidate + FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE <= len(data):
                 lsn, _rtype, synced = _LEAD.unpack_from(data, candidate + FRAME_PREFIX_SIZE)
                 if bad_lsn < lsn <= highest and bad_lsn <= synced < lsn:
                     frame = _codec.decode_frame(data, candidate)
