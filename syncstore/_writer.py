@@ -37,6 +37,7 @@ store is reopened, reads go on.
 from __future__ import annotations
 
 import _thread
+import collections
 import heapq
 import itertools
 import logging
@@ -131,6 +132,9 @@ class Writer:
         self._stopped = False  # the threads are gone
         self.failure: SyncStoreError | None = None
         self._apply_full: StoreFull | None = None  # LMDB refused the last apply for lack of space
+        # Rollbacks so far, and the written LSN at the latest of them (see _check_chunks).
+        self._rollbacks = 0
+        self._rollback_log: collections.deque[int] = collections.deque(maxlen=1024)
         self.overlay = Overlay()
         # Keys of deliver_many items not sequenced yet (chunks after the first):
         # key -> [message, recipients, how many batches claim it]; see deliver_many.
@@ -194,6 +198,7 @@ class Writer:
         results: list[Sequenced] = []
         last = 0
         waiter = None
+        chunks: list[tuple[int, int]] = []  # (rollbacks so far, highest LSN) per chunk, when sequenced
         claimed = len(items)  # items[claimed:] hold claims
         try:
             for start in range(0, len(items), BULK_CHUNK):
@@ -210,10 +215,13 @@ class Writer:
                         elif claimed < end:
                             self._claim(items[claimed:end], -1)
                             claimed = end
+                        chunk_last = 0
                         for message, recipients in items[start:end]:
                             msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients)
                             results.append((msg_id, duplicate, pairs))
-                            last = max(last, lsn)
+                            chunk_last = max(chunk_last, lsn)
+                        last = max(last, chunk_last)
+                        chunks.append((self._rollbacks, chunk_last))
                         self._fresh = None
                     if end >= len(items):
                         waiter = self._gate(last)
@@ -223,8 +231,29 @@ class Writer:
                 with self.lock:
                     self._claim(items[claimed:], -1)
         self._await(waiter)
+        self._check_chunks(chunks)
         self._sync_if_due()
         return results
+
+    def _check_chunks(self, chunks: list[tuple[int, int]]) -> None:
+        """Raise StoreFull if a write that failed for space dropped records of an earlier chunk.
+
+        deliver_many waits only for its last LSN; a rollback in between drops
+        every record beyond what was written and lets later chunks reuse the
+        LSNs, so the last one's acknowledgement does not cover the earlier chunks.
+        """
+        with self.lock:
+            log_, total = list(self._rollback_log), self._rollbacks
+        oldest = total - len(log_)
+        for seen, chunk_last in chunks:
+            if seen < oldest:  # more rollbacks since than the log keeps: assume the worst
+                raise StoreFull("a write of this batch found the disk full (part of the batch may be written)", path=self._path)
+            for written in log_[seen - oldest :]:
+                if chunk_last > written:
+                    raise StoreFull(
+                        "a write of this batch found the disk full: part of it was not written (earlier chunks may have been)",
+                        path=self._path,
+                    )
 
     def _check_writable(self) -> None:
         """Raise if no new write may be sequenced.  Sequencing lock held."""
@@ -558,6 +587,8 @@ class Writer:
         """A write found the disk full: forget every record not written, and tell their callers."""
         with self.lock:
             dropped = self.overlay.rollback(self._written_lsn)
+            self._rollbacks += 1
+            self._rollback_log.append(self._written_lsn)  # everything after it was dropped
             self._frames = []
             self._next_lsn = self._written_lsn + 1
             # Acknowledged waiters first (they succeeded); every one left waits for a dropped LSN.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -141,3 +142,51 @@ def test_sync_mode_appends_with_o_dsync_and_other_modes_call_fdatasync(store_pat
     with syncstore.open(store_path + "2", durability="interval", fs=fs2) as store:
         store.deliver(msg(1), to=[1])
     assert fs2.calls["fdatasync"] >= 1  # at the latest when closing
+
+
+def test_deliver_many_whose_write_hits_a_full_disk_raises_and_a_retry_completes_it(store_path, monkeypatch):
+    """Whatever the grouping of its chunks into writes, a deliver_many one of whose writes failed
+    for space raises StoreFull (never returns deliveries that were dropped); a retry of the batch
+    finds the written items as duplicates and delivers the rest, each message once."""
+    from syncstore import _writer
+
+    monkeypatch.setattr(_writer, "BULK_CHUNK", 10)
+    fs = FailingFS("pwrite", errno.ENOSPC)
+    real_count = FailingFS._count
+
+    def once(self, name):  # fail exactly one write; space is back after it
+        try:
+            real_count(self, name)
+        finally:
+            if name == "pwrite" and self.fail_at is not None and self.calls[name] >= self.fail_at:
+                self.fail_at = None
+
+    monkeypatch.setattr(FailingFS, "_count", once)
+    with syncstore.open(store_path, fs=fs) as store:
+        store.deliver(msg(1), to=[1])
+        batch = [(msg(seq), [1, 2]) for seq in range(100, 160)]  # six chunks
+        fs.arm()
+        with pytest.raises(StoreFull):
+            store.deliver_many(batch)
+        again = store.deliver_many(batch)
+        assert any(not d.duplicate for d in again)
+        store.check()
+        inbox = store.sync(2, limit=1000).messages
+        assert [m.cursor for m in inbox] == list(range(1, len(batch) + 1))  # each message once, dense
+        assert sorted(m.client_seq for m in inbox) == [m.client_seq for m, _ in batch]
+
+
+def test_a_rollback_after_a_chunk_was_sequenced_fails_the_batch(store_path):
+    """The check behind the test above, deterministically: deliver_many waits only for its last
+    LSN, so a rollback that dropped an earlier chunk (its LSNs beyond the written end at the
+    rollback, which later chunks then reuse) must fail the call."""
+    with syncstore.open(store_path) as store:
+        writer = store._writer
+        writer._check_chunks([(writer._rollbacks, 50)])  # no rollback since: fine
+        with writer.lock:
+            writer._rollbacks += 1
+            writer._rollback_log.append(40)  # a rollback dropped everything after LSN 40
+        writer._check_chunks([(writer._rollbacks - 1, 40)])  # that chunk ended at 40: written, fine
+        writer._check_chunks([(writer._rollbacks, 60)])  # sequenced after the rollback: fine
+        with pytest.raises(StoreFull):
+            writer._check_chunks([(writer._rollbacks - 1, 45), (writer._rollbacks, 60)])  # chunk 1 dropped
