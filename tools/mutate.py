@@ -7,7 +7,7 @@ Usage (from the repository root, with the test dependencies installed)::
     .venv/bin/python tools/mutate.py syncstore/wal.py tests/test_wal.py \\
         --function _vouching_frame --function 'WriteAheadLog._*'
     .venv/bin/python tools/mutate.py syncstore/_ids.py tests/test_ids.py --list
-    .venv/bin/python tools/mutate.py syncstore/_ids.py tests/test_ids.py --run 17 --run 18
+    .venv/bin/python tools/mutate.py syncstore/_ids.py tests/test_ids.py --run 17 --run 18 [--verbose]
     .venv/bin/python tools/mutate.py MODULE TESTS... -- -k 'not slow'   # extra pytest arguments
 
 It parses MODULE with :mod:`ast`, makes *mutants* -- copies of the module with
@@ -48,10 +48,11 @@ removed at the end, also on Ctrl-C.  A baseline run of the unmutated module
 its duration sets the per-mutant timeout (3x + 30 s, a hang guard, not a
 measurement) unless ``--timeout`` is given.
 
-Output: one line per mutant on stderr, then the score and every survivor as
-``path:line:col  before -> after  [operator]  #id``.  ``--json FILE`` writes
-the results; ``--run ID`` runs chosen mutants and prints the test output
-(to see which test kills a mutant, or that a new test does).
+Output: one line per mutant on stderr (with the first test that failed on it),
+then the score and every survivor as ``path:line:col  before -> after
+[operator]  #id``.  ``--json FILE`` writes the results; ``--run ID`` runs only
+chosen mutants (to see which test kills a mutant, or that a new test does),
+``--verbose`` shows pytest's output for each.
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ class Mutant:
     after: str
     status: str = "not run"  # killed | survived | timeout | not run
     seconds: float = 0.0
+    killed_by: str = ""  # the first failing test, as pytest names it
 
     def where(self) -> str:
         return f"{self.path}:{self.line}:{self.col + 1}"
@@ -375,6 +377,14 @@ class Sandbox:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _first_failure(output: str) -> str:
+    """The node id of the first test pytest reports as failed (or erroring) in ``output``."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ", 1)[1].split(" - ", 1)[0]
+    return ""
+
+
 def _parse_lines(spec: str) -> tuple[int, int]:
     lo, _, hi = spec.partition("-")
     return int(lo), int(hi or lo)
@@ -400,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3 x baseline + 30)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--run", action="append", type=int, default=[], metavar="ID",
-                        help="run only these mutants, showing the test output (repeatable)")
+                        help="run only these mutants (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="show the test output of every mutant")
     parser.add_argument("--show", action="append", type=int, default=[], metavar="ID",
                         help="print the mutated function of these mutants and exit (repeatable)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -431,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0", *tests, *extra]
-    if args.run:
+    if args.verbose:
         command = [c for c in command if c != "-q"] + ["-rf", "--tb=short"]
     sandbox = Sandbox(root, module, tests)
     try:
@@ -447,11 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline passed in {seconds:.1f} s; {len(chosen)} mutants, timeout {timeout:.0f} s each", file=sys.stderr)
         for n, m in enumerate(chosen, 1):
             sandbox.write(mutated_source(source, m.id, args.function, args.lines))
-            if args.run:
+            if args.verbose:
                 print(f"\n=== mutant {m.describe()}", flush=True)
-            outcome, m.seconds, _output = sandbox.run(command, timeout, show=bool(args.run))
+            outcome, m.seconds, output = sandbox.run(command, timeout, show=args.verbose)
             m.status = {"failed": "killed", "passed": "survived", "timeout": "timeout"}[outcome]
-            print(f"[{n}/{len(chosen)}] {m.status:8} {m.seconds:6.1f}s  {m.describe()}", file=sys.stderr, flush=True)
+            m.killed_by = _first_failure(output) if outcome == "failed" else ""
+            by = f"  <- {m.killed_by}" if m.killed_by else ""
+            print(f"[{n}/{len(chosen)}] {m.status:8} {m.seconds:6.1f}s  {m.describe()}{by}", file=sys.stderr, flush=True)
     finally:
         sandbox.remove()
 
