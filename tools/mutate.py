@@ -43,7 +43,7 @@ and pytest runs there in a subprocess (``python -m pytest -x``, so the copy
 shadows the installed package; checked before the run), without bytecode
 caches and with ``--hypothesis-seed=0`` and a fresh hypothesis database per
 mutant, so a run's result does not depend on the previous one.  The copy is
-removed at the end, also on Ctrl-C.  A baseline run of the unmutated module
+removed at the end, also on Ctrl-C or SIGTERM.  A baseline run of the unmutated module
 (round-tripped through ``ast.unparse`` like every mutant) must pass first;
 its duration sets the per-mutant timeout (3x + 30 s, a hang guard, not a
 measurement) unless ``--timeout`` is given.
@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0", *tests, *extra]
     if args.verbose:
         command = [c for c in command if c != "-q"] + ["-rf", "--tb=short"]
+    # SIGTERM (a killed job) unwinds like Ctrl-C, so the sandbox is removed.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     sandbox = Sandbox(root, module, tests)
     try:
         sandbox.check_shadowing()
