@@ -33,7 +33,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import lmdb
 
@@ -85,6 +85,11 @@ def decode_dedup(value: bytes) -> tuple[int, bytes, tuple[tuple[int, int], ...]]
     return msg_id, print_, tuple(zip(flat[0::2], flat[1::2]))
 
 
+def _uids(users: int | Iterable[int]) -> Iterable[int]:
+    """``users`` as user ids: ``range(users)`` for a count."""
+    return range(users) if isinstance(users, int) else users
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -122,9 +127,18 @@ class SyncstoreSystem:
             return lambda uid, since, limit: tuple(sync(uid, since, limit).messages)
         return lambda uid, since, limit: sync(uid, since, limit).messages
 
-    def heads_total(self, users: int) -> int:
-        """Sum of every user's head cursor = inbox entries (users ``0..users-1``)."""
-        return sum(self.store.head(uid) for uid in range(users))
+    def heads_total(self, users: int | Iterable[int]) -> int:
+        """Sum of the heads of ``users`` (a count: ``0..users-1``, or the ids) = their inbox entries."""
+        return sum(self.store.head(uid) for uid in _uids(users))
+
+    def thread_ids(self) -> dict[str, int | None]:
+        """Native ids of the store's WAL flusher and LMDB applier threads (None if not running)."""
+        found: dict[str, int | None] = {"flusher": None, "applier": None}
+        for thread in threading.enumerate():
+            for role in found:
+                if thread.name == f"syncstore-{role}:{self.store.path}":
+                    found[role] = thread.native_id
+        return found
 
     def close(self) -> None:
         """Close the store (flushes and applies everything)."""
@@ -240,10 +254,13 @@ class SqlitePeer:
         execute = conn.execute
         return lambda uid, since, limit: execute(query, (uid, since, limit)).fetchall()
 
-    def heads_total(self, users: int) -> int:
-        """Sum of every user's head cursor = inbox entries."""
+    def heads_total(self, users: int | Iterable[int]) -> int:
+        """Sum of the heads of ``users`` (a count: ``0..users-1``, or the ids) = their inbox entries."""
         conn = self._connect()
-        return conn.execute("SELECT coalesce(sum(head), 0) FROM heads WHERE uid < ?", (users,)).fetchone()[0]
+        if isinstance(users, int):
+            return conn.execute("SELECT coalesce(sum(head), 0) FROM heads WHERE uid < ?", (users,)).fetchone()[0]
+        execute = conn.execute
+        return sum(row[0] for uid in users for row in execute("SELECT head FROM heads WHERE uid = ?", (uid,)))
 
     def close(self) -> None:
         """Close every connection (the last one checkpoints the WAL)."""
@@ -487,11 +504,11 @@ class LmdbCeiling:
 
         return get
 
-    def heads_total(self, users: int) -> int:
-        """Sum of every user's head (the last inbox dup's cursor) for users ``0..users-1`` = inbox entries."""
+    def heads_total(self, users: int | Iterable[int]) -> int:
+        """Sum of the heads (last inbox dups' cursors) of ``users`` (a count: ``0..users-1``, or the ids)."""
         with self.env.begin(db=self.inbox) as txn:
             cursor = txn.cursor()
-            return sum(self._head(cursor, _u64.pack(uid)) for uid in range(users))
+            return sum(self._head(cursor, _u64.pack(uid)) for uid in _uids(users))
 
     def close(self) -> None:
         """Close the environment."""
