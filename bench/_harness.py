@@ -258,6 +258,18 @@ SECTIONS: dict[str, Section] = {
                 Target("calls/s", 1.5, "sqlite", ours="syncstore-decoded"),
             ),
         ),
+        Section(
+            "history",
+            "history(user, conv, before, 50): one conversation holding 1% of a user's inbox",
+            "calls/s",
+            targets=(Target("calls/s", 20, "filtering"), Target("calls/s", 20, "filtering", ours="syncstore-decoded")),
+            note="filtering: the same answer from sync pages of 1,000 walked back from before, keeping conv's messages",
+        ),
+        Section(
+            "get",
+            "get(msg_id) of random stored messages",
+            "calls/s",
+        ),
         Section("replay", "WAL replay on open (state/ deleted): 1:1 records, 200-byte bodies", "records/s", targets=(Target("records/s", 200_000),)),
         Section(  # before issue 8 (kept to render older runs): wchar headline, 1,000 users
             "bytes",
