@@ -21,10 +21,8 @@ deliveries in the same order):
   (uid, since+1), 100 inbox dups read in C, their msg_ids sliced out and the
   bodies fetched with one ``getmulti`` on ``messages``; raw bytes, undecoded.
   It runs on a byte-for-byte copy of the store's ``state/`` directory (LMDB
-  forbids opening one environment twice in a process) when that is format 3;
-  while syncstore still writes an older format, the peer writes the same
-  deliveries into its own format-3 environment instead, and the row's
-  workload says so.
+  forbids opening one environment twice in a process), which must be
+  format 3.
 - **sqlite**: ``SELECT ... WHERE uid=? AND cursor>? ORDER BY cursor LIMIT 100``
   (group messages' bodies from its ``messages`` table; see ``_peers``).
 
@@ -85,15 +83,8 @@ def hot_data(request, tmp_path_factory):
         ours.deliver_batch(batch)
     ours.close()  # everything applied to LMDB; then copy the state for the raw reader
     state_format = LmdbCeiling.state_format(os.fspath(root / "syncstore" / "state"))
-    if state_format == LmdbCeiling.FORMAT:
-        shutil.copytree(root / "syncstore" / "state", root / "lmdb")
-        raw_source = "a copy of syncstore's state/"
-    else:  # syncstore does not write format 3 yet: the peer writes the same deliveries itself
-        writer = LmdbCeiling(os.fspath(root / "lmdb"))
-        for batch in batches:
-            writer.deliver_batch(batch)
-        writer.close()
-        raw_source = f"written by the peer (syncstore's state is format {state_format})"
+    assert state_format == LmdbCeiling.FORMAT, f"syncstore's state is format {state_format}: the raw reader needs format 3"
+    shutil.copytree(root / "syncstore" / "state", root / "lmdb")
     ours = SyncstoreSystem(os.fspath(root / "syncstore"))
     raw = LmdbCeiling(os.fspath(root / "lmdb"), readonly=True)
     sqlite = SqlitePeer(os.fspath(root / "sqlite"))
@@ -111,7 +102,7 @@ def hot_data(request, tmp_path_factory):
     _check_same_answers(systems, heads, queries[:50] + [(uid, heads[uid] - 3) for uid in eligible[:5]])
     described = (
         f"{kind}: {len(items):,} {data_set.describe}, {users:,} users, {entries:,} inbox entries; "
-        f"{len(queries):,} random (uid, since) per round, each returning {LIMIT} messages; 1 thread; lmdb state {raw_source}"
+        f"{len(queries):,} random (uid, since) per round, each returning {LIMIT} messages; 1 thread"
     )
     yield kind, systems, queries, described
     for system in systems.values():
