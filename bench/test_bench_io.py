@@ -27,7 +27,8 @@ counted.  Sources, all deltas:
   anything else writing at the same time is counted too.
 - **WAL groups**: write syscalls of the flusher thread (``syscw``); the
   flusher writes each group commit with one ``pwrite``, so this counts the
-  groups (plus one per WAL segment created, none in this run's size).
+  groups (plus one per WAL segment created: none at scale 1, whose 6 MB of
+  frames fit in the first 16 MiB segment).
   **msg/group** = messages / groups; **WAL write_bytes/group** shows the floor:
   a durable group dirties -- and rewrites -- at least the 4 KiB page the log's
   tail is on, however few bytes it appends, so the WAL costs at least
