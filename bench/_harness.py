@@ -56,6 +56,30 @@ def one_to_one_items(count: int, users: int, body_bytes: int, seed: int, first_s
     return items
 
 
+#: Group conversations get conv ids above every 1:1 conv id of ``one_to_one_items`` (< users**2).
+GROUP_CONV_BASE = 1 << 48
+
+
+def group_items(count: int, users: int, groups: int, members: int, body_bytes: int, seed: int, first_seq: int = 1) -> list[Item]:
+    """``count`` group messages: ``groups`` groups of ``members`` users drawn at random from ``users``.
+
+    Each message goes to every member of a random group (the sender, a random
+    member, included), conv ``GROUP_CONV_BASE + group``; bodies are
+    ``body_bytes`` long and distinct (they start with the client_seq), so a
+    read that returns another message's body is caught.
+    """
+    rng = random.Random(seed)
+    filler = bytes(rng.randrange(256) for _ in range(body_bytes))
+    member_lists = [tuple(sorted(rng.sample(range(users), members))) for _ in range(groups)]
+    items = []
+    for seq in range(first_seq, first_seq + count):
+        group = rng.randrange(groups)
+        to = member_lists[group]
+        body = (seq.to_bytes(8, "big") + filler)[:body_bytes]
+        items.append((rng.choice(to), GROUP_CONV_BASE + group, seq, body, to))
+    return items
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """The ``fraction`` quantile of already sorted values (nearest rank)."""
     if not sorted_values:
@@ -211,11 +235,12 @@ SECTIONS: dict[str, Section] = {
             "bulk",
             "bulk deliver_many: 1,000 messages per call, 1 thread, durable, 1,000 users, 200-byte bodies",
             "msg/s",
-            targets=(Target("msg/s", 100_000),),
+            targets=(Target("msg/s", 100_000), Target("msg/s", 0.9, "lmdb")),
+            note="lmdb: raw py-lmdb writing state format 3, one putmulti per database per batch",
         ),
         Section(
             "sync",
-            "sync(uid, since, 100) on hot data: 100 messages per call",
+            "sync(uid, since, 100) on hot data, 1:1 inboxes (200-byte bodies): 100 messages per call",
             "calls/s",
             targets=(
                 Target("calls/s", 0.8, "lmdb"),
@@ -223,14 +248,47 @@ SECTIONS: dict[str, Section] = {
                 Target("calls/s", 1.5, "sqlite", ours="syncstore-decoded"),
             ),
         ),
-        Section("replay", "WAL replay on open (state/ deleted): 1:1 records, 200-byte bodies", "records/s", targets=(Target("records/s", 200_000),)),
         Section(
+            "sync group",
+            "sync(uid, since, 100) on hot data, group inboxes (groups of 100 members, 1 KiB bodies): 100 messages per call",
+            "calls/s",
+            targets=(
+                Target("calls/s", 0.8, "lmdb"),
+                Target("calls/s", 1.5, "sqlite"),
+                Target("calls/s", 1.5, "sqlite", ours="syncstore-decoded"),
+            ),
+        ),
+        Section(
+            "history",
+            "history(user, conv, before, 50): one conversation holding 1% of a user's inbox",
+            "calls/s",
+            targets=(Target("calls/s", 20, "filtering"), Target("calls/s", 20, "filtering", ours="syncstore-decoded")),
+            note="filtering: the same answer from sync pages of 1,000 walked back from before, keeping conv's messages",
+        ),
+        Section(
+            "get",
+            "get(msg_id) of random stored messages",
+            "calls/s",
+        ),
+        Section("replay", "WAL replay on open (state/ deleted): 1:1 records, 200-byte bodies", "records/s", targets=(Target("records/s", 200_000),)),
+        Section(  # before issue 8 (kept to render older runs): wchar headline, 1,000 users
             "bytes",
             "bytes written per durable message (8 threads, 1:1, 200-byte bodies): write()/pwrite() bytes (wchar), device sectors",
             "total B/msg",
             higher_is_better=False,
             targets=(Target("total B/msg", 600, higher_is_better=False),),
             note="target: <= 3x the 200-byte body",
+        ),
+        *(
+            Section(
+                f"bytes {population}",
+                f"bytes written per durable message, {users:,} users (8 threads, 1:1, 200-byte bodies): write_bytes (block layer), WAL / LMDB",
+                "write_bytes/msg",
+                higher_is_better=False,
+                targets=(Target("write_bytes/msg", 1_000, higher_is_better=False),),
+                note="target: <= 5x the 200-byte body; a durable WAL group rewrites at least one 4 KiB page (WAL write_bytes/group)",
+            )
+            for population, users in (("5k", 5_000), ("1M", 1_000_000))
         ),
         Section(
             "interval sync gap",

@@ -1,5 +1,11 @@
 """Bulk ingest: ``deliver_many`` with 1,000 messages per call, durable, one thread.
 
+The raw-LMDB peer writes the same messages in state format 3 (issue #8) the
+fastest way py-lmdb allows: per batch one transaction, one ``getmulti`` for the
+dedup keys, every record encoded and sorted, one ``putmulti`` per database
+(append mode for ``messages``, ``inbox`` and ``history``).  Target: syncstore
+>= 0.9x that peer.
+
 The peers commit each batch as one transaction.  Message construction and
 validation are inside the timed loop for syncstore (a server builds them).
 """
