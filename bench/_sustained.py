@@ -1,0 +1,221 @@
+"""Sustained bulk ingest, run as a child process: ``deliver_many`` into a growing store, rates per quarter, as JSON.
+
+    python bench/_sustained.py --path DIR --messages 1000000 --users 200000 [--batch 10000] [--body 200]
+
+Issue #8's row: 1M 1:1 messages (``to=[sender, recipient]``, random users
+among ``--users``, one 200-byte body), ``durability="none"``, batches of
+10,000 per ``deliver_many`` call.  The run is cut into four quarters of
+equal message counts (250k each at 1M) and the rate of each is reported, so
+a store that slows down as it grows shows it: the slowdown is 1 - (rate of
+the last quarter / rate of the first).
+
+Rates, two ways:
+
+- **applied** (the headline): messages that reached LMDB per second.  At a
+  quarter's end the applied count is the acknowledged count minus the
+  records still waiting for the applier (``len(store._writer.overlay)``, a
+  private attribute: this is a benchmark probe).  The last quarter ends when
+  ``close()`` returns, everything applied.  Without this, the first quarter
+  would be flattered by the backlog the writer allows (up to 65,536 records,
+  a quarter of a 250k quarter) and the slowdown overstated.
+- **ack**: messages acknowledged by ``deliver_many`` per second (what the
+  caller sees; back-pressure keeps it within the backlog of the applied rate).
+  The quarters fall back to these rates (``quarter_basis: "ack"``) when the
+  probe is missing or a quarter applied nothing -- at small scales, where a
+  whole quarter fits in the backlog and is applied only at close.
+
+Every number is wall time, message construction included (a server builds
+its messages); the random senders and recipients are drawn before the clock
+starts (two ``array('I')``, 8 bytes per message, counted in RssAnon).
+
+Also reported: the store's size after close, as LMDB's used pages
+(``(last_pgno + 1) * psize`` read with a read-only, lock-free environment)
+and as the bytes its files occupy on disk (``st_blocks * 512`` of every file,
+preallocated WAL segments included); RssAnon before the ingest and its peak
+(sampled every 50 ms, and at the end), in KiB.  After the report's numbers
+are taken the store is reopened and checked: the heads of all users add up
+to 2 x messages, and for a sample of users ``sync`` returns exactly the
+messages sent to or by them, in order, with the right bodies.  A failed
+check is reported in ``check_errors`` (the benchmark asserts it is empty).
+
+:func:`disk_bytes` and :func:`lmdb_used_bytes` are also used by
+``test_bench_fanout.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+from array import array
+
+import lmdb
+
+import syncstore
+from syncstore import Message
+
+SAMPLE_USERS = 50
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes that the files under ``path`` occupy on disk (``st_blocks * 512``; preallocated space counts)."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+def lmdb_used_bytes(store_path: str) -> int:
+    """``(last_pgno + 1) * psize`` of the store's LMDB state (``state/``); the store must be closed."""
+    env = lmdb.open(os.path.join(store_path, "state"), readonly=True, lock=False, max_dbs=0)
+    try:
+        return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    finally:
+        env.close()
+
+
+def status_kb(*names: str) -> dict[str, int]:
+    """Fields (in kB) of /proc/self/status."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in names:
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def pending_records(store: syncstore.Store) -> int | None:
+    """Records acknowledged but not yet applied to LMDB (a private probe; None if the store has no such attribute)."""
+    try:
+        return len(store._writer.overlay)  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None
+
+
+def check(path: str, messages: int, users: int, senders: array, offsets: array, body: bytes, sample: int) -> list[str]:
+    """Reopen the store and verify heads and a sample of inboxes; return the problems found."""
+    errors: list[str] = []
+    rng = random.Random(2)
+    sampled = set(rng.sample(range(users), min(sample, users)))
+    expected: dict[int, list[int]] = {uid: [] for uid in sampled}
+    for seq in range(messages):
+        sender = senders[seq]
+        recipient = (sender + 1 + offsets[seq]) % users
+        if sender in sampled:
+            expected[sender].append(seq)
+        if recipient in sampled:
+            expected[recipient].append(seq)
+    with syncstore.open(path, durability="none") as store:
+        total = sum(store.head(uid) for uid in range(users))
+        if total != 2 * messages:
+            errors.append(f"heads add up to {total}, expected {2 * messages}")
+        for uid in sorted(sampled):
+            got, since = [], 0
+            while True:
+                page = store.sync(uid, since=since, limit=1_000)
+                got.extend(page.messages)
+                since = page.next
+                if not page.has_more:
+                    break
+            if [m.client_seq for m in got] != expected[uid]:
+                errors.append(f"user {uid}: sync returned client_seqs {[m.client_seq for m in got][:10]}..., expected {expected[uid][:10]}...")
+            elif [m.cursor for m in got] != list(range(1, len(got) + 1)):
+                errors.append(f"user {uid}: cursors not dense: {[m.cursor for m in got][:10]}...")
+            elif any(m.body != body for m in got):
+                errors.append(f"user {uid}: a message has the wrong body")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Ingest, measure, check, then print the JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--messages", type=int, required=True, help="a multiple of 4 x --batch")
+    parser.add_argument("--users", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--body", type=int, default=200)
+    parser.add_argument("--durability", default="none")
+    args = parser.parse_args(argv)
+    messages, users, batch = args.messages, args.users, args.batch
+    if users < 2 or batch < 1 or messages < 4 * batch or messages % (4 * batch):
+        parser.error(f"--messages ({messages}) must be a positive multiple of 4 x --batch ({batch}), and --users >= 2")
+    quarter = messages // 4
+
+    rng = random.Random(1)
+    body = rng.randbytes(args.body)
+    senders = array("I", (rng.randrange(users) for _ in range(messages)))
+    offsets = array("I", (rng.randrange(users - 1) for _ in range(messages)))  # recipient = (sender + 1 + offset) % users
+
+    peaks = {"RssAnon": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peaks["RssAnon"] = max(peaks["RssAnon"], status_kb("RssAnon")["RssAnon"])
+
+    rss_before = status_kb("RssAnon")["RssAnon"]
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    acked_at: list[float] = []  # time at the end of each quarter (ack)
+    applied: list[int | None] = []  # messages applied to LMDB at that time
+    store = syncstore.open(args.path, durability=args.durability)
+    start = time.perf_counter()
+    for first in range(0, messages, batch):
+        items = []
+        for seq in range(first, first + batch):
+            sender = senders[seq]
+            recipient = (sender + 1 + offsets[seq]) % users
+            low, high = (sender, recipient) if sender < recipient else (recipient, sender)
+            items.append((Message(sender, low * users + high, seq, body), (sender, recipient)))
+        store.deliver_many(items)
+        if (first + batch) % quarter == 0:
+            acked_at.append(time.perf_counter())
+            pending = pending_records(store)
+            applied.append(None if pending is None else first + batch - pending)
+    store.close()
+    closed = time.perf_counter()
+    done.set()
+    sampler.join()
+    peaks["RssAnon"] = max(peaks["RssAnon"], status_kb("RssAnon")["RssAnon"])
+
+    ack_bounds = [start, *acked_at]
+    ack_rates = [quarter / (ack_bounds[i + 1] - ack_bounds[i]) for i in range(4)]
+    rates, basis = ack_rates, "ack"
+    if all(a is not None for a in applied):
+        counts = [0, *applied[:3], messages]
+        bounds = [start, *acked_at[:3], closed]
+        if all(counts[i + 1] > counts[i] for i in range(4)):
+            rates, basis = [(counts[i + 1] - counts[i]) / (bounds[i + 1] - bounds[i]) for i in range(4)], "applied"
+    report = {
+        "messages": messages,
+        "users": users,
+        "batch": batch,
+        "body": args.body,
+        "durability": args.durability,
+        "seconds": closed - start,
+        "msg_per_s": messages / (closed - start),
+        "quarter_msg_per_s": rates,
+        "quarter_ack_msg_per_s": ack_rates,
+        "quarter_basis": basis,
+        "applied_at_quarter_ends": applied,
+        "slowdown": 1 - rates[3] / rates[0],
+        "lmdb_bytes": lmdb_used_bytes(args.path),
+        "disk_bytes": disk_bytes(args.path),
+        "state_disk_bytes": disk_bytes(os.path.join(args.path, "state")),
+        "rss_anon_before_kb": rss_before,
+        "peak_rss_anon_kb": peaks["RssAnon"],
+    }
+    report["check_errors"] = check(args.path, messages, users, senders, offsets, body, SAMPLE_USERS)
+    json.dump(report, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Sustained ``deliver_many``: 1M 1:1 messages into 200k users (scale 1), rate per quarter, measured in a child process.
+
+Issue #8's rows "``deliver_many`` sustained: 1M messages (200-byte body, 2
+recipients) into 200k users, ``durability="none"``: >= 50k msg/s sustained;
+<= 20% slower at 1M than at 250k" and "store size at that point <= 500 bytes
+per message".  The child (``_sustained.py``, a fresh interpreter so the
+store's memory and the rates are its own) ingests in batches of 10,000 and
+reports the applied rate of each quarter (250k messages at scale 1), the
+overall rate up to the end of ``close()``, the store's size and peak RssAnon;
+it then reopens the store and checks heads and a sample of inboxes.  See the
+child's docstring for how each number is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from _harness import RESULTS, SECTIONS, Row, Section, Target, sized
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FULL_MESSAGES, FULL_USERS, FULL_BATCH = 1_000_000, 200_000, 10_000
+
+SECTION = Section(
+    "sustained",
+    "sustained deliver_many: 1:1 messages (200-byte body, to=[sender, recipient]) into a growing store, durability='none'",
+    "msg/s",
+    targets=(
+        Target("msg/s", 50_000),
+        Target("slowdown %", 20, higher_is_better=False),
+        Target("B/msg", 500, higher_is_better=False),
+    ),
+    note="msg/s: all messages / time to the end of close(); slowdown: 1 - rate of the last quarter / rate of the first; B/msg: store files on disk after close / messages",
+)
+SECTIONS.setdefault(SECTION.key, SECTION)  # so that the tables after ./dev bench show it
+
+
+def workload(scale: float) -> tuple[int, int, int]:
+    """(messages, users, batch): 1M / 200k / 10,000 at scale 1; messages a multiple of 4 batches."""
+    messages = sized(FULL_MESSAGES, scale, 4_000)
+    batch = min(FULL_BATCH, messages // 4)
+    return messages - messages % (4 * batch), sized(FULL_USERS, scale, 2_000), batch
+
+
+def test_sustained_deliver_many(benchmark, scale, fresh_dir):
+    messages, users, batch = workload(scale)
+    report: dict = {}
+
+    def run():
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
+        command = [
+            sys.executable,
+            os.path.join(HERE, "_sustained.py"),
+            *("--path", fresh_dir("sustained"), "--messages", str(messages), "--users", str(users), "--batch", str(batch)),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+        assert done.returncode == 0, done.stderr
+        report.update(json.loads(done.stdout))
+
+    benchmark.pedantic(run, rounds=1)
+    assert report["messages"] == messages
+    assert report["check_errors"] == [], report["check_errors"]
+    q1, q2, q3, q4 = report["quarter_msg_per_s"]
+    RESULTS.record(
+        Row(
+            "sustained",
+            "syncstore",
+            {
+                "msg/s": report["msg_per_s"],
+                "msg/s Q1": q1,
+                "msg/s Q2": q2,
+                "msg/s Q3": q3,
+                "msg/s Q4": q4,
+                "slowdown %": 100 * report["slowdown"],
+                "B/msg": report["disk_bytes"] / messages,
+                "LMDB B/msg": report["lmdb_bytes"] / messages,
+                "peak RssAnon MB": report["peak_rss_anon_kb"] * 1024 / 1e6,
+            },
+            workload=(
+                f"{messages:,} messages into {users:,} users, deliver_many x {batch:,}, quarters of {messages // 4:,}"
+                + ("" if report["quarter_basis"] == "applied" else " (quarter rates by acknowledgement: too small to see the applier)")
+            ),
+        ),
+        benchmark,
+    )
