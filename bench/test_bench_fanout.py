@@ -35,13 +35,12 @@ member's ``sync`` returns the N messages in order with the right bodies.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
-import lmdb
 import pytest
 from _harness import RESULTS, SECTIONS, Row, Section, Target, io_counters, sized, thread_id
+from _sustained import disk_bytes, lmdb_used_bytes
 
 import syncstore
 from syncstore import Message
@@ -69,24 +68,6 @@ SECTION = Section(
     note=f"target: store growth <= body + {PER_RECIPIENT_GOAL} B per recipient per message; B/rcpt = (growth on disk / messages - body) / fan-out",
 )
 SECTIONS.setdefault(SECTION.key, SECTION)  # so that the tables after ./dev bench show it
-
-
-def disk_bytes(path: str) -> int:
-    """Bytes that the files under ``path`` occupy on disk (``st_blocks * 512``; preallocated space counts)."""
-    total = 0
-    for folder, _, names in os.walk(path):
-        for name in names:
-            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-    return total
-
-
-def lmdb_used_bytes(store_path: str) -> int:
-    """``(last_pgno + 1) * psize`` of the store's LMDB state; the store must be closed."""
-    env = lmdb.open(os.path.join(store_path, "state"), readonly=True, lock=False, subdir=True, max_dbs=0)
-    try:
-        return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    finally:
-        env.close()
 
 
 def bodies(count: int, seed: int) -> list[bytes]:
@@ -124,6 +105,7 @@ def test_group_fanout(benchmark, fanout, scale, fresh_dir):
             {
                 "fan-out": fanout,
                 "messages": messages,
+                "body B": BODY,
                 "growth MB": disk_growth / 1e6,
                 "LMDB MB": lmdb_growth / 1e6,
                 "B/msg": disk_growth / messages,
