@@ -25,7 +25,7 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import Delivery, Message, Messages, Page, StoredMessage
+from .model import Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
 from ._layout import renew_epoch
 from .store import DURABILITY_MODES, Store, open
 
@@ -38,6 +38,8 @@ __all__ = [
     "Delivery",
     "Page",
     "StoredMessage",
+    "MessageRecord",
+    "HistoryPage",
     "Messages",
     "DURABILITY_MODES",
     "SyncStoreError",

@@ -43,14 +43,29 @@ Message head (shared by the DELIVER record and the LMDB inbox value)::
     32      8     ts_ms (message timestamp, ms since the Unix epoch)
     40      1     priority (0..255)
 
-LMDB inbox value (the cursor is repeated from the key so that a page of values
-decodes without its keys)::
+LMDB state format 3 (one body per message; key layout in ``state.py``).
+Message value, ``messages`` db, key msg_id u64 (stored once, however many recipients)::
+
+    0       4     refs: how many inbox entries reference the message
+    4       8     sender
+    12      8     conv
+    20      8     client_seq
+    28      8     ts_ms
+    36      1     priority
+    37      ...   body
+
+Inbox entry, a fixed-size duplicate of key ``user`` in the DUPSORT|DUPFIXED
+``inbox`` db (duplicates sort by cursor, so one user's inbox is in cursor order)::
 
     0       8     cursor
-    8       41    message head
-    49      ...   body
+    8       8     msg_id (the message it references)
+    16      8     conv
+    24      1     priority
 
-LMDB dedup value (first delivery of an idempotency key; state format 2)::
+History entry, a fixed-size duplicate of key ``user | conv`` in the
+DUPSORT|DUPFIXED ``history`` db: the cursor u64 of an inbox entry of that conv.
+
+LMDB dedup value (first delivery of an idempotency key)::
 
     0       8     msg_id
     8       16    fingerprint: BLAKE2b-128 of conv u64 | body (dedup_fingerprint)
@@ -58,11 +73,9 @@ LMDB dedup value (first delivery of an idempotency key; state format 2)::
     28      16*R  (user id, cursor) pairs, as in DELIVER
 
 A retry of the key must match the first delivery: same fingerprint, same set
-of user ids (the pairs).  State format 1 (before the fingerprint) stored
-``msg_id u64 | R u32 | pairs``; only the migration in ``state.py`` reads it
-(``decode_dedup_v1``).  The two layouts cannot be told apart by their bytes
-(a format-1 value of R pairs has the length of a format-2 value of R - 1), so
-the state's format version, never the value, says which one a value is.
+of user ids (the pairs).  Earlier state formats (1: a copy of the message per
+inbox entry and no fingerprint; 2: a copy per inbox entry) are read only by
+the migration in ``_migrate.py``, which has their byte formats.
 """
 
 from __future__ import annotations
@@ -112,9 +125,12 @@ DELIVER_COUNTS_FMT = ">II"  # body length, recipient count
 DELIVER_COUNTS_SIZE = 8
 assert struct.calcsize(DELIVER_COUNTS_FMT) == DELIVER_COUNTS_SIZE
 PAIR_SIZE = 16  # (user id u64, cursor u64)
-INBOX_HEAD_FMT = ">QQQQQQB"  # cursor + message head
-INBOX_HEAD_SIZE = 49
-assert struct.calcsize(INBOX_HEAD_FMT) == INBOX_HEAD_SIZE
+STORED_HEAD_FMT = ">IQQQQB"  # refs, sender, conv, client_seq, ts_ms, priority: a message value before its body
+STORED_HEAD_SIZE = 37
+assert struct.calcsize(STORED_HEAD_FMT) == STORED_HEAD_SIZE
+INBOX_ENTRY_FMT = ">QQQB"  # cursor, msg_id, conv, priority
+INBOX_ENTRY_SIZE = 25
+assert struct.calcsize(INBOX_ENTRY_FMT) == INBOX_ENTRY_SIZE
 #: Bytes of the dedup fingerprint.  A false match is a retry with other content
 #: accepted as a duplicate: the message is silently not delivered.  By accident
 #: that is 2**-64 already at 8 bytes, but a client can search out a colliding
@@ -126,9 +142,6 @@ _FINGERPRINT_PERSON = b"syncstore-dedup"  # BLAKE2 personalisation: hashes of no
 DEDUP_HEAD_FMT = ">Q16sI"  # msg_id, fingerprint, recipient count
 DEDUP_HEAD_SIZE = 28
 assert struct.calcsize(DEDUP_HEAD_FMT) == DEDUP_HEAD_SIZE
-DEDUP_V1_HEAD_FMT = ">QI"  # state format 1: msg_id, recipient count
-DEDUP_V1_HEAD_SIZE = 12
-assert struct.calcsize(DEDUP_V1_HEAD_FMT) == DEDUP_V1_HEAD_SIZE
 
 _segment_header = struct.Struct(SEGMENT_HEADER_FMT)
 _crc = struct.Struct(CRC_FMT)
@@ -137,8 +150,9 @@ _frame_lead = struct.Struct(FRAME_LEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
-_dedup_v1_head = struct.Struct(DEDUP_V1_HEAD_FMT)
-_inbox_head = struct.Struct(INBOX_HEAD_FMT)
+_stored_head = struct.Struct(STORED_HEAD_FMT)
+_refs = struct.Struct(">I")  # the first field of a message value
+_inbox_entry = struct.Struct(INBOX_ENTRY_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
 
@@ -357,25 +371,27 @@ def decode_deliver(body: bytes, path: str | None = None, offset: int | None = No
     return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
 
 
-def encode_inbox_head(record: Deliver) -> bytes:
-    """The part of ``record``'s inbox value after the cursor: message head + body (same for every recipient)."""
+def encode_message_value(record: Deliver) -> bytes:
+    """``messages`` value of ``record``: refs (its recipient count), head fields, body."""
     return (
-        _message_head.pack(
-            record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority
-        )
+        _stored_head.pack(len(record.pairs), record.sender, record.conv, record.client_seq, record.ts_ms, record.priority)
         + record.body
     )
 
 
-def encode_inbox_value(cursor: int, shared: bytes) -> bytes:
-    """LMDB inbox value: ``cursor`` + the ``encode_inbox_head(record)`` bytes."""
-    return _u64.pack(cursor) + shared
+#: Decode the fixed head of a message value: ``unpack_stored_head(value)`` ->
+#: (refs, sender, conv, client_seq, ts_ms, priority); the body is
+#: ``value[STORED_HEAD_SIZE:]``.  Exposed bare because reads call it per message.
+unpack_stored_head = _stored_head.unpack_from
+#: ``pack_inbox_entry(cursor, msg_id, conv, priority)``: a 25-byte inbox entry.
+pack_inbox_entry = _inbox_entry.pack
+#: ``unpack_inbox_entry(entry)`` -> (cursor, msg_id, conv, priority).
+unpack_inbox_entry = _inbox_entry.unpack_from
 
 
-#: Decode the fixed head of an inbox value: ``unpack_inbox_head(value)`` ->
-#: (cursor, msg_id, sender, conv, client_seq, ts_ms, priority); the body is
-#: ``value[INBOX_HEAD_SIZE:]``.  Exposed bare because reads call it per message.
-unpack_inbox_head = _inbox_head.unpack_from
+def set_refs(value: bytes, refs: int) -> bytes:
+    """A message value with its reference count replaced (when inbox entries are added or removed)."""
+    return _refs.pack(refs) + value[_refs.size :]
 
 
 def dedup_fingerprint(conv: int, body: bytes) -> bytes:
@@ -405,13 +421,3 @@ def decode_dedup(value: bytes | memoryview) -> DedupEntry:
     if len(value) != DEDUP_HEAD_SIZE + PAIR_SIZE * count:
         raise CorruptionError("dedup entry lengths do not add up")
     return DedupEntry(msg_id, fingerprint, _unpack_pairs(value, DEDUP_HEAD_SIZE, count))
-
-
-def decode_dedup_v1(value: bytes | memoryview) -> tuple[int, Pairs]:
-    """A state-format-1 dedup value (msg_id, pairs), as the migration to format 2 reads it."""
-    if len(value) < DEDUP_V1_HEAD_SIZE:
-        raise CorruptionError("format-1 dedup entry is truncated")
-    msg_id, count = _dedup_v1_head.unpack_from(value, 0)
-    if len(value) != DEDUP_V1_HEAD_SIZE + PAIR_SIZE * count:
-        raise CorruptionError("format-1 dedup entry lengths do not add up")
-    return msg_id, _unpack_pairs(value, DEDUP_V1_HEAD_SIZE, count)

@@ -6,7 +6,7 @@ commit would halve throughput, so LMDB is updated by a background applier in
 larger batches and this overlay answers, in the meantime, the three questions
 the LMDB state cannot: a user's latest cursor (to assign the next one), an
 idempotency key's first delivery (to dedup exactly), and a user's newest
-messages (so ``sync`` sees every acknowledged write at once).
+messages (so ``sync``, ``history`` and ``get`` see every durable write at once).
 
 Size is bounded: the store stops sequencing new records while the overlay
 holds more than its budget, until the applier catches up.  All methods must be
@@ -19,7 +19,7 @@ import itertools
 from collections import deque
 
 from ._codec import Deliver
-from .model import StoredMessage
+from .model import MessageRecord, StoredMessage
 
 #: First delivery of an idempotency key still in the overlay: (lsn, record).  The
 #: record (msg_id, conv, body, pairs) is what a retry is compared with -- exactly,
@@ -36,6 +36,7 @@ class Overlay:
         # StoredMessage is built only if read (most records are applied unread).
         self._inbox: dict[int, list[tuple[int, int, Deliver]]] = {}
         self._dedup: dict[tuple[int, int], PendingDedup] = {}
+        self._by_id: dict[int, tuple[int, Deliver]] = {}  # msg_id -> (lsn, record)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -52,6 +53,7 @@ class Overlay:
             else:
                 entries.append(entry)
         self._dedup[(record.sender, record.client_seq)] = (lsn, record)
+        self._by_id[record.msg_id] = (lsn, record)
 
     def head(self, uid: int) -> int | None:
         """The user's latest assigned cursor, acknowledged or not (None if not here)."""
@@ -73,6 +75,26 @@ class Overlay:
             if cursor > since:
                 out.append(StoredMessage.from_record(cursor, record))
         return out, head
+
+    def message(self, msg_id: int, upto_lsn: int) -> MessageRecord | None:
+        """The message ``msg_id`` if it is here with LSN <= ``upto_lsn``."""
+        found = self._by_id.get(msg_id)
+        if found is None or found[0] > upto_lsn:
+            return None
+        return MessageRecord.from_record(found[1])
+
+    def history(self, uid: int, conv: int, before: int, upto_lsn: int) -> tuple[list[StoredMessage], int | None]:
+        """Messages of ``uid`` in ``conv`` with cursor < ``before`` and LSN <= ``upto_lsn``, newest first; and the
+        lowest cursor of ``uid`` held here (None if none): LMDB has every older one, and none from it on."""
+        entries = self._inbox.get(uid)
+        if not entries:
+            return [], None
+        out = [
+            StoredMessage.from_record(cursor, record)
+            for cursor, lsn, record in reversed(entries)
+            if cursor < before and lsn <= upto_lsn and record.conv == conv
+        ]
+        return out, entries[0][0]
 
     def take(self, upto_lsn: int, limit: int) -> tuple[list[Deliver], int]:
         """Up to ``limit`` oldest records with LSN <= ``upto_lsn``, and the LSN of the last one (0 if none).
@@ -116,6 +138,8 @@ class Overlay:
                 del entries[end]
                 if not entries:
                     del inbox[uid]
+        if self._by_id.get(record.msg_id, (0,))[0] == lsn:
+            del self._by_id[record.msg_id]
         key = (record.sender, record.client_seq)
         pending = self._dedup.get(key)
         if pending is not None and pending[0] == lsn:

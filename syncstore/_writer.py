@@ -52,7 +52,7 @@ from ._codec import Deliver, Pairs
 from ._ids import MessageIds, msg_id_ms
 from ._overlay import Overlay
 from .errors import CorruptionError, DurabilityError, IdempotencyConflict, StoreClosed, StoreFull, SyncStoreError
-from .model import Message, StoredMessage
+from .model import Message, MessageRecord, StoredMessage
 from .state import State
 from .wal import WriteAheadLog
 
@@ -670,6 +670,21 @@ class Writer:
             return [], 0
         with self.lock:
             return self.overlay.visible(user, since, self.synced_lsn)
+
+    def pending_message(self, msg_id: int) -> MessageRecord | None:
+        """The durable, not yet applied message ``msg_id``, if it is one."""
+        if not len(self.overlay):
+            return None
+        with self.lock:
+            return self.overlay.message(msg_id, self.synced_lsn)
+
+    def pending_history(self, user: int, conv: int, before: int) -> tuple[list[StoredMessage], int | None]:
+        """Durable, not yet applied messages of ``user`` in ``conv`` below ``before``, newest first; and the
+        lowest unapplied cursor of ``user`` (None if none), below which LMDB answers."""
+        if not len(self.overlay):
+            return [], None
+        with self.lock:
+            return self.overlay.history(user, conv, before, self.synced_lsn)
 
     def check(self) -> dict[str, int]:
         """Verify the LMDB state, and that the unapplied records densely continue it.

@@ -18,6 +18,10 @@ from typing import TextIO
 from . import __version__
 from ._demo import DemoConfig, Progress, format_report, run_demo
 from .errors import SyncStoreError
+from ._migrate import inspect as inspect_state
+from .errors import StoreNotFound
+from .state import STATE_FORMAT
+from .store import open as open_store
 
 __all__ = ["main", "build_parser"]
 
@@ -115,6 +119,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+_UPGRADE_HELP = """\
+Migrate a store written by an earlier syncstore to this version's format.
+
+Opening a store for writing migrates it anyway; this command does only that,
+for operators who want to migrate at a time of their choosing, or before
+opening the store read-only (read-only views refuse older formats).  The
+migration builds the new LMDB state beside the old one and swaps them, so a
+crash at any point loses nothing: run the command again.  It needs free space
+for a second copy of the state.  Nothing else may have the store open.
+
+example:
+    syncstore upgrade /var/lib/im/store
+"""
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    before, replica_id = inspect_state(args.path)
+    if before is None:
+        raise StoreNotFound(f"no store with an LMDB state at {args.path}", path=args.path, hint="check the path")
+    if before == STATE_FORMAT:
+        print(f"{args.path}: already at state format {STATE_FORMAT}; nothing to do")
+        return EXIT_OK
+    with open_store(args.path, create=False, replica_id=replica_id or 0) as store:
+        counts = store.check()
+    print(f"{args.path}: migrated from state format {before} to format {STATE_FORMAT} "
+          f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``syncstore`` command, with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -140,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help="random seed; same seed, same workload (default %(default)s)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress line on stderr")
     demo.set_defaults(run=_cmd_demo)
+
+    upgrade = commands.add_parser(
+        "upgrade", help="migrate a store written by an earlier syncstore", description=_UPGRADE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    upgrade.add_argument("path", metavar="PATH", help="the store directory")
+    upgrade.set_defaults(run=_cmd_upgrade)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The values users pass in and get back: Message, Delivery, Page, StoredMessage.
+"""The values users pass in and get back: Message, Delivery, Page, StoredMessage, MessageRecord, HistoryPage.
 
 Messages validate themselves on construction, so an invalid ``Message`` cannot
 exist and ``deliver`` only has to check store-specific limits.
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple, overload
 
-from ._codec import INBOX_HEAD_SIZE, Deliver, unpack_inbox_head
+from ._codec import STORED_HEAD_SIZE, Deliver, unpack_inbox_entry, unpack_stored_head
 from .errors import InvalidArgument
 
-__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
+__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MessageRecord", "HistoryPage", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
 
 MAX_U64 = (1 << 64) - 1
 
@@ -105,9 +105,40 @@ class StoredMessage(NamedTuple):
         return cls(cursor, record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority, record.body)
 
     @classmethod
-    def from_value(cls, value: bytes) -> StoredMessage:
-        """Decode an LMDB inbox value (format in docs/format.md)."""
-        return tuple.__new__(cls, (*unpack_inbox_head(value), value[INBOX_HEAD_SIZE:]))
+    def from_ref(cls, ref: InboxRef) -> StoredMessage:
+        """Decode an inbox entry and the message it references (formats in docs/format.md)."""
+        entry, (key, value) = ref
+        cursor, msg_id, _conv, _priority = unpack_inbox_entry(entry)
+        _refs, sender, conv, client_seq, ts_ms, priority = unpack_stored_head(value)
+        return tuple.__new__(cls, (cursor, msg_id, sender, conv, client_seq, ts_ms, priority, value[STORED_HEAD_SIZE:]))
+
+
+#: How a page holds a stored message until it is accessed: the 25-byte inbox
+#: entry and the ``(msg_id key, message value)`` pair that LMDB's ``getmulti`` returned.
+InboxRef = tuple[bytes, tuple[bytes, bytes]]
+
+
+class MessageRecord(NamedTuple):
+    """A message as stored once for all its recipients, as ``Store.get(msg_id)`` returns it (no cursor: cursors are per recipient)."""
+
+    msg_id: int
+    sender: int
+    conv: int
+    client_seq: int
+    ts_ms: int
+    priority: int
+    body: bytes
+
+    @classmethod
+    def from_record(cls, record: Deliver) -> MessageRecord:
+        """The stored message of a DELIVER record."""
+        return cls(record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority, record.body)
+
+    @classmethod
+    def from_value(cls, msg_id: int, value: bytes) -> MessageRecord:
+        """Decode a ``messages`` value (format in docs/format.md)."""
+        _refs, sender, conv, client_seq, ts_ms, priority = unpack_stored_head(value)
+        return tuple.__new__(cls, (msg_id, sender, conv, client_seq, ts_ms, priority, value[STORED_HEAD_SIZE:]))
 
 
 class Messages(Sequence[StoredMessage]):
@@ -122,7 +153,7 @@ class Messages(Sequence[StoredMessage]):
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Sequence[bytes | StoredMessage] = ()) -> None:
+    def __init__(self, items: Sequence[InboxRef | StoredMessage] = ()) -> None:
         self._items = tuple(items)
 
     def __len__(self) -> int:
@@ -138,10 +169,10 @@ class Messages(Sequence[StoredMessage]):
         if isinstance(index, slice):
             return Messages(self._items[index])
         item = self._items[index]
-        return item if type(item) is StoredMessage else StoredMessage.from_value(item)  # type: ignore[arg-type]
+        return item if type(item) is StoredMessage else StoredMessage.from_ref(item)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[StoredMessage]:
-        decode = StoredMessage.from_value
+        decode = StoredMessage.from_ref
         for item in self._items:
             yield item if type(item) is StoredMessage else decode(item)  # type: ignore[misc, arg-type]
 
@@ -189,3 +220,17 @@ class Page:
     reset: bool = False
     reset_reason: str | None = None
     epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of a user's messages in one conversation, from ``Store.history``, newest first.
+
+    Pass ``before`` back as ``before`` for the next, older page; ``has_more``
+    says whether there is one.  With no messages, ``before`` is the ``before``
+    that was asked for (or 0 when there was none).
+    """
+
+    messages: Messages
+    before: int
+    has_more: bool

@@ -1,18 +1,30 @@
 """The indexed state in LMDB, and ``apply(records)`` that moves WAL records into it.
 
-Key layout (all integers unsigned 64-bit big-endian, so byte order is numeric
-order and a range scan of one user's keys is a sync)::
+Key layout, state format 3 (all integers unsigned big-endian, so byte order
+is numeric order; value formats in ``_codec`` and docs/format.md)::
 
-    named db       key                                   value
-    inbox          user id | cursor                       cursor | message head | body (_codec)
-    heads          user id                                latest cursor of the user
-    dedup          sender | client_seq                    first delivery (_codec.encode_dedup)
-    dedup_expiry   first-delivery ms | sender | client_seq  empty (purge index, oldest first)
-    meta           b"applied_lsn", b"last_msg_id", ...    u64 / bytes
+    named db      flags               key                        value
+    messages      -                   msg_id                     refs | head | body: each message once
+    inbox         DUPSORT|DUPFIXED    user id                    25-byte entries: cursor | msg_id | conv | priority
+    history       DUPSORT|DUPFIXED    user id | conv             cursor (of that user's inbox entry)
+    dedup         -                   sender | client_seq        first delivery (_codec.encode_dedup)
+    dedup_expiry  -                   first-delivery ms | sender | client_seq   empty (purge index, oldest first)
+    meta          -                   b"applied_lsn", b"last_msg_id", ...        u64 / bytes
 
-State format (meta ``format_version``): 2 since dedup values carry a content
-fingerprint (``_codec.encode_dedup``).  A format-1 state is migrated on open
-by :meth:`State.upgrade`; a newer format than :data:`STATE_FORMAT` is refused.
+One body per message: every recipient's inbox holds a 25-byte entry that
+references it, and ``refs`` counts those entries (``check()`` recounts them),
+so deleting the last reference frees the body.  A user's head is the cursor
+of the last duplicate of its ``inbox`` key: no separate heads database to
+rewrite per apply.  Fixed-size sorted duplicates are stored by LMDB packed,
+without a per-item node header, and appended ones (``MDB_APPENDDUP``) fill
+their pages.  ``msg_id`` is time-ordered, so new messages are appends too.
+Why this layout and not a copy per recipient or an inline hybrid: the
+measurements in docs/design.md ("Storage layout").
+
+State format (meta ``format_version``): 3.  Formats 1 and 2 (a copy of the
+message in every inbox entry) are migrated on open by ``_migrate``; a
+read-only State opens them only far enough to report their format, applied
+LSN and heads (what opening a store validates before it migrates).
 
 Durability (see docs/design.md): the environment is opened ``sync=True,
 metasync=False`` (MDB_NOMETASYNC).  Each commit fdatasyncs the data pages but
@@ -32,43 +44,44 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import lmdb
 
 from . import _codec
-from ._codec import INBOX_HEAD_SIZE, DedupEntry, Deliver, pack_u64, unpack_u64
+from . import _statecheck
+from ._codec import DedupEntry, Deliver, pack_u64, unpack_u64
+from .model import InboxRef
 from ._layout import DEFAULT_FILE_MODE
 from .errors import CorruptionError, DurabilityError, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
-__all__ = ["State", "inbox_key", "state_dir"]
+__all__ = ["State", "STATE_FORMAT", "state_dir"]
 
 log = logging.getLogger("syncstore.state")
 T = TypeVar("T")
 
-_DB_NAMES = (b"inbox", b"heads", b"dedup", b"dedup_expiry", b"meta")
+_DB_NAMES = (b"messages", b"inbox", b"history", b"dedup", b"dedup_expiry", b"meta")
+_DUPFIXED = frozenset({b"inbox", b"history"})  # fixed-size sorted duplicates
+_LEGACY_HEADS = b"heads"  # formats 1 and 2: user -> head cursor
 _APPLIED = b"applied_lsn"
 _LAST_ID = b"last_msg_id"
 _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
-#: Present only while a format-1 state is being migrated: the last dedup key
-#: already rewritten (b"" before the first); keys after it are still format 1.
-_DEDUP_V1_AFTER = b"dedup_v1_after"
 _FILES = ("data.mdb", "lock.mdb")
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
 _PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
-STATE_FORMAT = 2  # 2: dedup values carry a fingerprint; 1 is migrated on open (State.upgrade)
-_MIGRATE_BATCH = 4_096  # dedup entries per migration transaction (bounds its dirty pages)
+STATE_FORMAT = 3  # 3: one body per message; 1 and 2 are migrated on open (_migrate)
 #: LMDB reader slots (one per read transaction open at once, across every process).
 DEFAULT_MAX_READERS = 512
 
-_CURSOR_SIZE = INBOX_HEAD_SIZE - _codec.MESSAGE_HEAD_SIZE  # an inbox value starts with its cursor
 _pair = struct.Struct(">QQ")
 _triple = struct.Struct(">QQQ")
-inbox_key = _pair.pack
-_unpack_pair = _pair.unpack
-_unpack_head = _codec.unpack_inbox_head
+_u64 = struct.Struct(">Q")
+_BATCH_DBS = ("messages", "inbox", "history", "dedup", "dedup_expiry")  # the order _encode_batch returns them in
+_DUPFIXED_NAMES = frozenset(name.decode() for name in _DUPFIXED)
+_MUST_ADD = frozenset({"messages", "inbox", "history"})  # an item that exists already is corruption
 
 
 class _Gate:
@@ -178,7 +191,7 @@ class _ReadTxn:
 
 
 class State:
-    """The LMDB environment holding inboxes, heads, the dedup index and metadata."""
+    """The LMDB environment holding messages, inboxes, the history and dedup indexes, and metadata."""
 
     def __init__(
         self,
@@ -198,9 +211,12 @@ class State:
         databases, the format key and ``replica_id`` in one transaction
         (``created`` is then True, and the caller forces it durable with
         :meth:`sync`) -- and gives the files it creates ``file_mode``
-        whatever the umask.  Read-only: an environment that was never
-        initialised (no format key) opens with ``initialised = False`` and no
-        databases.  ``lock=False`` (read-only only) opens without LMDB's lock
+        whatever the umask; an older format raises :class:`CorruptionError`
+        (the store migrates it first, see ``_migrate``).  Read-only: an
+        environment that was never initialised (no format key) opens with
+        ``initialised = False`` and no databases; one of an older format opens
+        with ``legacy = True``, where only the meta reads and :meth:`head`
+        work.  ``lock=False`` (read-only only) opens without LMDB's lock
         file, writing nothing at all: no reader slot protects the pages read,
         so the caller must make sure that no writer runs meanwhile.
         ``max_readers`` is the size of LMDB's reader table.
@@ -212,27 +228,12 @@ class State:
         self.gate = _Gate(path)
         self.initialised = True
         self.created = False
+        self.format = STATE_FORMAT
+        self.legacy = False  # an older format, open read-only for validation before its migration
         self._lock = lock
         self._file_mode = file_mode
         self._reopen_needed = False
         self._open_env(map_size, replica_id)
-        self.format = STATE_FORMAT
-        # Where format-1 dedup values begin (see _DEDUP_V1_AFTER); None once all are current.
-        self._v1_after: bytes | None = None
-        if not self.initialised:
-            return
-        with self.read() as txn:
-            stored = txn.get(_FORMAT, db=self.meta)
-            migrating = txn.get(_DEDUP_V1_AFTER, db=self.meta)
-        self.format = STATE_FORMAT if stored is None else unpack_u64(stored)
-        if not 1 <= self.format <= STATE_FORMAT:
-            self.env.close()
-            raise CorruptionError(
-                f"LMDB state format {self.format} is not supported (this syncstore reads formats 1 to {STATE_FORMAT})",
-                path=path,
-                hint=f"open it with a syncstore version that supports state format {self.format}",
-            )
-        self._v1_after = b"" if self.format == 1 else migrating
 
     def _open_env(self, map_size: int, replica_id: int | None = None) -> None:
         path, readonly, lock, file_mode = self.path, self.readonly, self._lock, self._file_mode
@@ -241,7 +242,7 @@ class State:
             self.env = lmdb.open(
                 path,
                 map_size=map_size,
-                max_dbs=len(_DB_NAMES),
+                max_dbs=len(_DB_NAMES) + 1,  # + the heads db of a legacy state
                 readonly=readonly,
                 lock=lock,
                 sync=True,
@@ -267,22 +268,54 @@ class State:
         if lock:
             self.env.reader_check()
         try:
-            if readonly:
-                dbs = self._open_existing_dbs()
-            else:
-                with self.env.begin(write=True) as txn:
-                    dbs = [self.env.open_db(name, txn=txn, create=True) for name in _DB_NAMES]
-                    if txn.get(_FORMAT, db=dbs[-1]) is None:
-                        txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=dbs[-1])
-                        if replica_id is not None:
-                            txn.put(_REPLICA, pack_u64(replica_id), db=dbs[-1])
-                        self.created = True
+            dbs = self._open_existing_dbs() if readonly else self._initialise(replica_id)
         except lmdb.NotFoundError as error:
             self.env.close()
             raise CorruptionError(f"the LMDB state lacks a named database: {error}", path=path) from error
-        self.inbox, self.heads, self.dedup, self.dedup_expiry, self.meta = dbs
+        except BaseException:
+            self.env.close()
+            raise
+        self.messages, self.inbox, self.history, self.dedup, self.dedup_expiry, self.meta = dbs
         for name in _FILES if self.created else new_files:
             os.chmod(os.path.join(path, name), file_mode)  # LMDB applies the umask
+
+    def _initialise(self, replica_id: int | None) -> list[Any]:
+        """Open (creating on first use) the named databases of a writable environment; refuse another format."""
+        with self.env.begin(write=True) as txn:
+            meta = self.env.open_db(b"meta", txn=txn, create=True)
+            stored = txn.get(_FORMAT, db=meta)
+            if stored is not None:
+                self._check_format(unpack_u64(stored), writable=True)
+            dbs = [self.env.open_db(name, txn=txn, create=True, dupsort=name in _DUPFIXED, dupfixed=name in _DUPFIXED) for name in _DB_NAMES]
+            if stored is None:
+                txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=meta)
+                if replica_id is not None:
+                    txn.put(_REPLICA, pack_u64(replica_id), db=meta)
+                self.created = True
+        self._check_flags(dbs)
+        return dbs
+
+    def _check_format(self, found: int, *, writable: bool) -> None:
+        """Record the state's format; CorruptionError if this syncstore cannot open it this way."""
+        self.format = found
+        if not 1 <= found <= STATE_FORMAT:
+            raise CorruptionError(
+                f"LMDB state format {found} is not supported (this syncstore reads formats 1 to {STATE_FORMAT})",
+                path=self.path,
+                hint=f"open it with a syncstore version that supports state format {found}",
+            )
+        if found < STATE_FORMAT and writable:
+            raise CorruptionError(
+                f"LMDB state format {found} must be migrated to format {STATE_FORMAT} first",
+                path=self.path,
+                hint="open the store with syncstore.open(path) or run `syncstore upgrade PATH`: both migrate it",
+            )
+
+    def _check_flags(self, dbs: list[Any]) -> None:
+        for name, db in zip(_DB_NAMES, dbs):
+            flags = db.flags(None)
+            if flags["dupsort"] != (name in _DUPFIXED) or flags["dupfixed"] != (name in _DUPFIXED):
+                raise CorruptionError(f"LMDB database {name.decode()} has the wrong flags for state format {STATE_FORMAT}: {flags}", path=self.path)
 
     def _open_existing_dbs(self) -> list[Any]:
         """The named databases of a read-only environment; none (``initialised = False``) before its first initialisation."""
@@ -291,12 +324,21 @@ class State:
             meta = self.env.open_db(b"meta", create=False)
         except lmdb.NotFoundError:
             meta = None
+        stored = None
         if meta is not None:
             with self.env.begin() as txn:
-                if txn.get(_FORMAT, db=meta) is not None:
-                    return [self.env.open_db(name, create=False) for name in _DB_NAMES]
-        self.initialised = False
-        return [None] * len(_DB_NAMES)
+                stored = txn.get(_FORMAT, db=meta)
+        if stored is None:
+            self.initialised = False
+            return [None] * len(_DB_NAMES)
+        self._check_format(unpack_u64(stored), writable=False)
+        if self.format < STATE_FORMAT:
+            self.legacy = True
+            self._legacy_heads = self.env.open_db(_LEGACY_HEADS, create=False)
+            return [None] * (len(_DB_NAMES) - 1) + [meta]
+        dbs = [self.env.open_db(name, create=False) for name in _DB_NAMES]
+        self._check_flags(dbs)
+        return dbs
 
     def reopen(self) -> None:
         """Close and reopen the environment in this process (after a failed commit on a full disk).
@@ -407,40 +449,86 @@ class State:
     # --- reads --------------------------------------------------------------------
 
     def head(self, txn: lmdb.Transaction, uid: int) -> int:
-        """The user's latest applied cursor (0 if none)."""
-        value = txn.get(pack_u64(uid), db=self.heads)
-        return 0 if value is None else unpack_u64(value)
+        """The user's latest applied cursor (0 if none): the cursor of its last inbox entry."""
+        if self.legacy:
+            value = txn.get(pack_u64(uid), db=self._legacy_heads)
+            return 0 if value is None else unpack_u64(value)
+        cursor = txn.cursor(db=self.inbox)
+        if not cursor.set_key(pack_u64(uid)):
+            return 0
+        cursor.last_dup()
+        return _u64.unpack_from(cursor.value())[0]
 
     def dedup_entry(self, txn: lmdb.Transaction, sender: int, client_seq: int) -> DedupEntry | None:
         """The first delivery (msg_id, fingerprint, cursors) of an idempotency key, if applied."""
         value = txn.get(_pair.pack(sender, client_seq), db=self.dedup)
         return None if value is None else _codec.decode_dedup(value)
 
-    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int, head: int) -> list[bytes | memoryview]:
-        """Inbox values of ``uid`` with cursor > ``since``, ascending, at most ``limit``.
+    def scan_inbox(self, txn: lmdb.Transaction, uid: int, since: int, limit: int) -> tuple[list[InboxRef], int]:
+        """Up to ``limit`` inbox entries of ``uid`` with cursor > ``since``, with their messages; and the user's head.
 
-        ``head`` is the user's head in the same transaction.  Cursors are
-        dense, so the page is exactly the next ``min(limit, head - since)``
-        values after ``since``: they are read without a per-item Python loop,
-        and the last key read confirms it.  Should the range not be dense (a
-        store damaged by hand), it falls back to checking key by key.
+        Each item is ``(entry, (msg_id key, message value))`` (see
+        :class:`~syncstore.model.Messages`, which decodes it on access).  The
+        entries are read in one C-level loop (``iternext_dup``) and their
+        messages with one ``getmulti``.
         """
+        cursor = txn.cursor(db=self.inbox)
+        user = pack_u64(uid)
+        if not cursor.set_key(user):
+            return [], 0
+        cursor.last_dup()
+        head = _u64.unpack_from(cursor.value())[0]
         count = min(limit, head - since)
         if count <= 0:
+            return [], head
+        cursor.set_range_dup(user, pack_u64(since + 1))
+        entries = list(islice(cursor.iternext_dup(keys=False, values=True), count))
+        if len(entries) != count or _u64.unpack_from(entries[-1])[0] != since + count:
+            raise CorruptionError(f"user {uid}'s inbox cursors after {since} are not dense up to its head {head}", path=self.path, key=(uid, since))
+        return self._with_messages(txn, entries, uid), head
+
+    def _with_messages(self, txn: lmdb.Transaction, entries: list[bytes], uid: int) -> list[InboxRef]:
+        """Pair each inbox entry with its message; CorruptionError if one is missing."""
+        found = txn.cursor(db=self.messages).getmulti([entry[8:16] for entry in entries])
+        if len(found) != len(entries):  # getmulti skips missing keys: find the dangling entry
+            ids = {key for key, _value in found}
+            for entry in entries:
+                if entry[8:16] not in ids:
+                    cursor, msg_id, _conv, _priority = _codec.unpack_inbox_entry(entry)
+                    raise CorruptionError(f"inbox entry references message {msg_id}, which is not stored", path=self.path, key=(uid, cursor))
+        return list(zip(entries, found))
+
+    def message(self, txn: lmdb.Transaction, msg_id: int) -> bytes | None:
+        """The ``messages`` value of ``msg_id`` (head and body), or None."""
+        return txn.get(pack_u64(msg_id), db=self.messages)
+
+    def scan_history(self, txn: lmdb.Transaction, uid: int, conv: int, before: int, limit: int) -> list[InboxRef]:
+        """Up to ``limit`` inbox entries of ``uid`` in ``conv`` with cursor < ``before``, newest first, with their messages.
+
+        Read from the ``history`` index (the cursors of one user's messages
+        in one conversation), never by filtering the inbox.
+        """
+        if before <= 1:
             return []
-        cursor = txn.cursor(db=self.inbox)
-        if not cursor.set_range(_pair.pack(uid, since + 1)):
+        index = txn.cursor(db=self.history)
+        key = _pair.pack(uid, conv)
+        if not index.set_key(key):
             return []
-        values = list(islice(cursor.iternext(keys=False, values=True), count))
-        if len(values) == count and cursor.key() == _pair.pack(uid, since + count):
-            return values
-        out: list[bytes | memoryview] = []
-        cursor.set_range(_pair.pack(uid, since + 1))
-        for key, value in cursor:
-            if _unpack_pair(key)[0] != uid or len(out) >= limit:
-                break
-            out.append(value)
-        return out
+        if index.set_range_dup(key, pack_u64(before)):
+            if not index.prev_dup():  # the newest cursor below `before`; none: all are at or above it
+                return []
+        else:  # every cursor of the conversation is below `before` (and the failed seek unpositioned us)
+            index.set_key(key)
+            index.last_dup()
+        cursors = list(islice(index.iterprev_dup(keys=False, values=True), limit))  # starts with the current one
+        inbox = txn.cursor(db=self.inbox)
+        user = pack_u64(uid)
+        entries = []
+        for cursor in cursors:
+            if not inbox.set_range_dup(user, cursor) or inbox.value()[:8] != cursor:
+                raise CorruptionError(f"history entry names cursor {unpack_u64(cursor)}, which the inbox lacks", path=self.path, key=(uid, conv))
+            entries.append(inbox.value())
+        return self._with_messages(txn, entries, uid)
 
     # --- writes -------------------------------------------------------------------
 
@@ -452,51 +540,50 @@ class State:
         not grow (the transaction is aborted; the records stay in the WAL).
         """
         self._reopen_if_needed()  # the handles below must belong to the live environment
-        if self._v1_after is not None:
-            # A format-1 entry next to a format-2 one could never be told apart again.
-            raise SyncStoreError(
-                "the LMDB state still has format-1 dedup entries", path=self.path, hint="call State.upgrade() before applying records"
-            )
-        # Encode everything first, then write each database with one putmulti
-        # (a loop in C, over sorted keys for B-tree locality); a user's head is
-        # written once per batch, not once per message.
-        inbox: list[tuple[bytes, bytes]] = []
-        heads: dict[int, int] = {}
-        dedup: list[tuple[bytes, bytes]] = []
-        expiry: list[tuple[bytes, bytes]] = []
-        last_id = 0
-        for record in records:
-            shared = _codec.encode_inbox_head(record)
-            for uid, cursor in record.pairs:
-                inbox.append((_pair.pack(uid, cursor), _codec.encode_inbox_value(cursor, shared)))
-                heads[uid] = cursor  # records come in LSN order, so cursors only grow
-            fingerprint = _codec.dedup_fingerprint(record.conv, record.body)
-            dedup.append((_pair.pack(record.sender, record.client_seq), _codec.encode_dedup(record.msg_id, fingerprint, record.pairs)))
-            expiry.append((_triple.pack(msg_id_ms(record.msg_id), record.sender, record.client_seq), b""))
-            last_id = max(last_id, record.msg_id)
-        inbox.sort()
-        dedup.sort()
-        batches = (
-            (self.inbox, inbox),
-            (self.heads, sorted((pack_u64(uid), pack_u64(cursor)) for uid, cursor in heads.items())),
-            (self.dedup, dedup),
-            (self.dedup_expiry, expiry),
-        )
+        if self.readonly or self.legacy:
+            raise SyncStoreError("records can only be applied to a writable state of the current format", path=self.path)
+        batches, last_id = _encode_batch(records)
 
         def write(txn: lmdb.Transaction) -> None:
-            for db, items in batches:
-                cursor = txn.cursor(db=db)
-                for start in range(0, len(items), _PUT_SLICE):
-                    cursor.putmulti(items[start : start + _PUT_SLICE])
-                    # putmulti holds the GIL; yield between slices so the group-commit
-                    # flusher never waits the 5 ms switch interval behind the applier.
-                    time.sleep(0)
+            for name, db, items in zip(_BATCH_DBS, (self.messages, self.inbox, self.history, self.dedup, self.dedup_expiry), batches):
+                self._put_sorted(txn, name, db, items)
             stored = txn.get(_LAST_ID, db=self.meta)
             if records and (stored is None or last_id > unpack_u64(stored)):
                 txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
             txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
 
         self._write(write)
+
+    def _put_sorted(self, txn: lmdb.Transaction, name: str, db: Any, items: list[tuple[bytes, bytes]]) -> None:
+        """Write sorted ``items`` with ``putmulti``, as appends where LMDB allows it.
+
+        Appends (MDB_APPEND, and MDB_APPENDDUP for the duplicate databases)
+        fill each page before starting the next, instead of splitting pages
+        half-full.  Inbox and history items always append: their cursors
+        continue each user's.  The other databases append when the whole
+        batch sorts after what they hold (the usual case: ids and times
+        grow), and are inserted into otherwise.  A dedup entry replaces an
+        expired one of its key; every other item is new, and one that is not
+        (LMDB refused it) means the state and the log disagree.
+        """
+        if not items:
+            return
+        cursor = txn.cursor(db=db)
+        dup = name in _DUPFIXED_NAMES
+        append = dup or not cursor.last() or cursor.key() < items[0][0]
+        replace = name == "dedup"
+        added = 0
+        for start in range(0, len(items), _PUT_SLICE):
+            added += cursor.putmulti(items[start : start + _PUT_SLICE], dupdata=dup, overwrite=dup or replace, append=append)[1]
+            # putmulti holds the GIL; yield between slices so the group-commit
+            # flusher never waits the 5 ms switch interval behind the applier.
+            time.sleep(0)
+        if added != len(items) and name in _MUST_ADD:
+            raise CorruptionError(
+                f"{len(items) - added} of {len(items)} {name} items were already present or out of order: the LMDB state and the WAL disagree",
+                path=self.path,
+                hint="run store.check(); restore the store from a backup",
+            )
 
     def purge_dedup(self, before_ms: int, batch: int) -> int:
         """Delete up to ``batch`` dedup entries first delivered before ``before_ms``; return how many."""
@@ -523,79 +610,6 @@ class State:
             removed += 1
         return removed
 
-    # --- format migration -----------------------------------------------------------
-
-    def upgrade(self, batch: int | None = None) -> int:
-        """Migrate a format-1 state to :data:`STATE_FORMAT`; return how many dedup entries were rewritten.
-
-        Format 1 kept no content fingerprint in dedup values.  Each entry gets
-        the fingerprint of the inbox entry it points at (the inbox value holds
-        conv and body), so a retry of a key delivered before the upgrade is
-        checked like any other.  Nothing to do on a current or read-only state.
-
-        Everything is verified before the first write: a damaged entry raises
-        :class:`CorruptionError` with the state unchanged.  The first
-        transaction sets the format to 2, so that an older syncstore refuses
-        the half-migrated state instead of misreading it; entries are then
-        rewritten in key order, at most ``batch`` per transaction (bounding
-        its dirty pages), with the last key done recorded in the same
-        transaction, so an interrupted upgrade resumes where it stopped at the
-        next open.  Call it before any record is applied: :meth:`apply`
-        refuses a state that still has format-1 entries.
-        """
-        if self.readonly or self._v1_after is None:
-            return 0
-        batch = max(1, _MIGRATE_BATCH if batch is None else batch)
-        if self.format == 1:
-            with self.read() as txn:
-                for key, value in txn.cursor(db=self.dedup):
-                    self._v1_entry(txn, key, value)
-        rewritten = 0
-        while self._v1_after is not None:
-            count, self._v1_after = self._write(lambda txn: self._upgrade_step(txn, batch))
-            self.format = STATE_FORMAT
-            rewritten += count
-        log.info("LMDB state %s migrated to format %d (%d dedup entries)", self.path, STATE_FORMAT, rewritten)
-        return rewritten
-
-    def _upgrade_step(self, txn: lmdb.Transaction, batch: int) -> tuple[int, bytes | None]:
-        """Rewrite up to ``batch`` format-1 dedup entries; return the count and where format 1 now begins."""
-        after = txn.get(_DEDUP_V1_AFTER, db=self.meta)
-        if after is None:
-            after = b""
-            txn.put(_FORMAT, pack_u64(STATE_FORMAT), db=self.meta)
-        cursor = txn.cursor(db=self.dedup)
-        found = cursor.set_range(after)
-        if found and cursor.key() == after:
-            found = cursor.next()
-        items: list[tuple[bytes, bytes]] = []
-        while found and len(items) < batch:
-            key = cursor.key()
-            items.append((key, _codec.encode_dedup(*self._v1_entry(txn, key, cursor.value()))))
-            found = cursor.next()
-        if items:
-            txn.cursor(db=self.dedup).putmulti(items)  # overwrites: same keys, format-2 values
-        if found:
-            txn.put(_DEDUP_V1_AFTER, items[-1][0], db=self.meta)
-            return len(items), items[-1][0]
-        txn.delete(_DEDUP_V1_AFTER, db=self.meta)
-        return len(items), None
-
-    def _v1_entry(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> DedupEntry:
-        """A format-1 dedup value with its fingerprint computed from the inbox; CorruptionError if it points nowhere."""
-        where = _unpack_pair(key)
-        try:
-            msg_id, pairs = _codec.decode_dedup_v1(value)
-        except CorruptionError as error:
-            raise CorruptionError(error.message, path=self.path, key=where) from None
-        if not pairs:
-            # Only a crafted WAL record makes one; a retry names recipients, so it conflicts whatever the fingerprint.
-            return DedupEntry(msg_id, bytes(_codec.FINGERPRINT_SIZE), pairs)
-        stored = txn.get(_pair.pack(*pairs[0]), db=self.inbox)
-        if stored is None or len(stored) < INBOX_HEAD_SIZE or _unpack_head(stored)[1] != msg_id:
-            raise CorruptionError(f"dedup entry points at a missing inbox entry {pairs[0]}", path=self.path, key=where)
-        return DedupEntry(msg_id, _codec.dedup_fingerprint(_unpack_head(stored)[3], stored[INBOX_HEAD_SIZE:]), pairs)
-
     def sync(self) -> None:
         """Force everything committed (meta page included) to disk."""
         self.env.sync(True)
@@ -618,77 +632,55 @@ class State:
     # --- verification -------------------------------------------------------------
 
     def iter_heads(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int]]:
-        """Every (user id, head cursor)."""
-        for key, value in txn.cursor(db=self.heads):
-            yield unpack_u64(key), unpack_u64(value)
+        """Every (user id, head cursor), in user order."""
+        cursor = txn.cursor(db=self.inbox)
+        found = cursor.first()
+        while found:
+            uid = unpack_u64(cursor.key())
+            cursor.last_dup()
+            yield uid, _u64.unpack_from(cursor.value())[0]
+            found = cursor.next_nodup()
 
     def check(self, wal_end_lsn: int) -> dict[str, int]:
-        """Verify invariants of the applied state; raise :class:`CorruptionError` on a violation.
-
-        Checks: every user's cursors are dense 1..head and match the heads db;
-        each inbox value decodes; every dedup entry points at inbox entries
-        holding its msg_id and one and the same message, whose conv and body
-        match the entry's fingerprint (format-1 entries, which a read-only
-        view of a not yet migrated store may see, have none); the expiry
-        index covers the dedup index; the applied LSN is not beyond the WAL
-        end.  Returns counts.
-        """
+        """Verify every invariant of the applied state (see ``_statecheck``); CorruptionError on a violation."""
         with self.read() as txn:
-            applied = self._meta_u64(txn, _APPLIED)
-            if applied > wal_end_lsn:
-                raise CorruptionError(f"applied LSN {applied} is beyond the WAL end {wal_end_lsn}", path=self.path)
-            users = messages = 0
-            heads = dict(self.iter_heads(txn))
-            expected_uid, expected_cursor = None, 0
-            for key, value in txn.cursor(db=self.inbox):
-                uid, cursor = _unpack_pair(key)
-                if uid != expected_uid:
-                    self._check_head(heads, expected_uid, expected_cursor)
-                    expected_uid, expected_cursor = uid, 0
-                    users += 1
-                if cursor != expected_cursor + 1:
-                    raise CorruptionError(f"user {uid}: cursor {cursor} follows {expected_cursor}", path=self.path, key=(uid, cursor))
-                if len(value) < INBOX_HEAD_SIZE or _unpack_head(value)[0] != cursor:
-                    raise CorruptionError("inbox value is truncated or names another cursor", path=self.path, key=(uid, cursor))
-                expected_cursor = cursor
-                messages += 1
-            self._check_head(heads, expected_uid, expected_cursor)
-            if len(heads) != users:
-                raise CorruptionError(f"{len(heads)} heads but {users} users with messages", path=self.path)
-            dedups = 0
-            v1_after = b"" if self._meta_u64(txn, _FORMAT) == 1 else txn.get(_DEDUP_V1_AFTER, db=self.meta)
-            for key, value in txn.cursor(db=self.dedup):
-                sender, client_seq = _unpack_pair(key)
-                fingerprint: bytes | None = None
-                try:
-                    if v1_after is not None and key > v1_after:
-                        msg_id, pairs = _codec.decode_dedup_v1(value)
-                    else:
-                        msg_id, fingerprint, pairs = _codec.decode_dedup(value)
-                except CorruptionError as error:
-                    raise CorruptionError(error.message, path=self.path, key=(sender, client_seq)) from None
-                first = None  # inbox value of the first recipient: every other must hold the same message
-                for uid, cursor in pairs:
-                    stored = txn.get(_pair.pack(uid, cursor), db=self.inbox)
-                    if stored is None or _unpack_head(stored)[1] != msg_id:
-                        raise CorruptionError(f"dedup entry points at a missing inbox entry ({uid}, {cursor})", path=self.path, key=(sender, client_seq))
-                    if first is None:
-                        first = stored
-                    elif stored[_CURSOR_SIZE:] != first[_CURSOR_SIZE:]:
-                        raise CorruptionError(f"recipient ({uid}, {cursor}) holds another message than the first recipient", path=self.path, key=(sender, client_seq))
-                if fingerprint is not None and first is not None:
-                    if _codec.dedup_fingerprint(_unpack_head(first)[3], first[INBOX_HEAD_SIZE:]) != fingerprint:
-                        raise CorruptionError("dedup entry's fingerprint does not match the message it points at", path=self.path, key=(sender, client_seq))
-                if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=self.dedup_expiry) is None:
-                    raise CorruptionError("dedup entry has no expiry index entry", path=self.path, key=(sender, client_seq))
-                dedups += 1
-        return {"users": users, "inbox_entries": messages, "dedup_entries": dedups, "applied_lsn": applied}
-
-    def _check_head(self, heads: dict[int, int], uid: int | None, last_cursor: int) -> None:
-        if uid is not None and heads.get(uid) != last_cursor:
-            raise CorruptionError(f"user {uid}: head {heads.get(uid)} but last cursor {last_cursor}", path=self.path, key=uid)
+            return _statecheck.check(self, txn, wal_end_lsn)
 
 
 def state_dir(path: str) -> str:
     """Directory of the LMDB environment inside a store directory."""
     return os.path.join(path, "state")
+
+
+def _encode_batch(records: Sequence[Deliver]) -> tuple[list[list[tuple[bytes, bytes]]], int]:
+    """The sorted (key, value) items of :data:`_BATCH_DBS` that ``records`` add, and their largest msg_id.
+
+    Pure: encoding happens before the write transaction opens.  Each message
+    is one ``messages`` item whatever its fan-out; each recipient adds a
+    25-byte inbox entry and an 8-byte history entry.
+    """
+    pack, pack_pair, pack_entry = _u64.pack, _pair.pack, _codec.pack_inbox_entry
+    messages: list[tuple[bytes, bytes]] = []
+    inbox: list[tuple[bytes, bytes]] = []
+    history: list[tuple[bytes, bytes]] = []
+    dedup: list[tuple[bytes, bytes]] = []
+    expiry: list[tuple[bytes, bytes]] = []
+    last_id = 0
+    for record in records:
+        msg_id, conv, priority = record.msg_id, record.conv, record.priority
+        messages.append((pack(msg_id), _codec.encode_message_value(record)))
+        for uid, cursor in record.pairs:
+            user, at = pack(uid), pack(cursor)
+            inbox.append((user, pack_entry(cursor, msg_id, conv, priority)))
+            history.append((pack_pair(uid, conv), at))
+        fingerprint = _codec.dedup_fingerprint(conv, record.body)
+        dedup.append((pack_pair(record.sender, record.client_seq), _codec.encode_dedup(msg_id, fingerprint, record.pairs)))
+        expiry.append((_triple.pack(msg_id_ms(msg_id), record.sender, record.client_seq), b""))
+        if msg_id > last_id:
+            last_id = msg_id
+    first = itemgetter(0)
+    for items in (messages, inbox, history, dedup, expiry):
+        # By key only, and stable: a user's inbox and history entries stay in cursor
+        # order, and of two deliveries of one dedup key the later one is written last.
+        items.sort(key=first)
+    return [messages, inbox, history, dedup, expiry], last_id

@@ -22,8 +22,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from . import _codec, _layout
-from ._codec import RECORD_DELIVER, Deliver, unpack_inbox_head
+from . import _codec, _layout, _migrate
+from ._codec import RECORD_DELIVER, Deliver
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA, MessageIds
 from ._layout import DEFAULT_FILE_MODE, Found, Marker
@@ -39,8 +39,8 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import MAX_U64, RESET_AHEAD, RESET_EPOCH, Delivery, Message, Messages, Page, StoredMessage, check_u64
-from .state import DEFAULT_MAX_READERS, State, state_dir
+from .model import MAX_U64, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
+from .state import DEFAULT_MAX_READERS, STATE_FORMAT, State, state_dir
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
 __all__ = ["Store", "open", "DURABILITY_MODES"]
@@ -403,7 +403,8 @@ class Store:
                 key="replica_id",
                 hint=f"open it with replica_id={marker.replica_id}",
             )
-        probe = self._probe_state(lmdb_dir, map_size, max_map_size)
+        probe = self._probe_state(_migrate.live_state_dir(path), map_size, max_map_size)
+        legacy_format = probe.format if probe is not None and probe.legacy else None
         try:
             applied = probe.applied_lsn() if probe is not None else 0
             recorded = probe.replica_id() if probe is not None else None
@@ -430,6 +431,9 @@ class Store:
         finally:
             if probe is not None:
                 probe.close()
+        if legacy_format is not None:  # validates the old state as it copies it; writes only state.migrating/
+            log.warning("store %s: migrating its LMDB state from format %d to %d", path, legacy_format, STATE_FORMAT)
+            _migrate.build(path, map_size=map_size, file_mode=file_mode, replica_id=replica_id)
         # --- validated: from here on, opening changes files ----------------------------
         if marker is None:
             marker = Marker(replica_id, _layout.new_epoch())
@@ -446,6 +450,10 @@ class Store:
         # directories are missing only when creation never finished.
         self._make_dir(wal_dir, file_mode)
         self._wal.start()
+        if legacy_format is not None:
+            _migrate.swap(path, self._fs)
+        else:
+            _migrate.finish(path, self._fs)  # a migration a crash interrupted
         self._make_dir(lmdb_dir, file_mode)
         self._state = State(lmdb_dir, readonly=False, map_size=map_size, max_map_size=max_map_size, file_mode=file_mode, replica_id=replica_id, max_readers=self._max_readers)
         if self._state.created:
@@ -455,7 +463,6 @@ class Store:
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
-        self._state.upgrade()  # format-1 dedup entries gain fingerprints; before replay applies anything
         self._replay(applied, replay)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
@@ -513,7 +520,7 @@ class Store:
             )
         _layout.check_access(path, write=False)
         marker = _layout.read_marker(path, self._fs)
-        lmdb_dir = state_dir(path)
+        lmdb_dir = _migrate.live_state_dir(path)
         data = os.path.join(lmdb_dir, "data.mdb")
         if not os.path.isfile(data) or os.path.getsize(data) == 0:
             raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
@@ -537,6 +544,12 @@ class Store:
         self._state = State(lmdb_dir, readonly=True, lock=usable, map_size=map_size, max_readers=self._max_readers)
         if not self._state.initialised:
             raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
+        if self._state.legacy:
+            raise LayoutError(
+                f"the store at {path} has LMDB state format {self._state.format}; this syncstore reads format {STATE_FORMAT}",
+                path=path,
+                hint=f"migrate it once: open it without readonly=True, or run `syncstore upgrade {path}`; nothing was changed",
+            )
         self._epoch = marker.epoch
 
     def _check_replay(self, probe: State | None, applied: int) -> list[Deliver]:
@@ -558,6 +571,8 @@ class Store:
         try:
             for frame in wal.frames(applied):
                 record = _decode_record(frame, wal)
+                if not record.pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
+                    raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
                 for uid, cursor in record.pairs:
                     head = heads[uid] if uid in heads else (probe.head(txn, uid) if probe is not None and txn is not None else 0)
                     if cursor != head + 1:
@@ -721,19 +736,67 @@ class Store:
         pending, pending_head = self._writer.pending(user, since) if self._writer else ([], 0)
         assert self._state is not None
         with self._state.read() as txn:
-            applied_head = self._state.head(txn, user)
-            items: list[bytes | StoredMessage] = self._state.scan_inbox(txn, user, since, limit, applied_head)  # type: ignore[assignment]
+            items, applied_head = self._state.scan_inbox(txn, user, since, limit)
         if since > applied_head and since > pending_head:  # a cursor from the future: the store was rewound under it
             return self._reset_page(RESET_AHEAD, max(applied_head, pending_head))
-        last = unpack_inbox_head(items[-1])[0] if items else since  # type: ignore[arg-type]
-        if pending and len(items) < limit:
-            items.extend([m for m in pending if m.cursor > last][: limit - len(items)])
-            last = items[-1][0] if type(items[-1]) is StoredMessage else last  # type: ignore[index]
-        return Page(Messages(items), last, last < max(applied_head, pending_head), epoch=self._epoch)
+        page: list[InboxRef | StoredMessage] = items  # type: ignore[assignment]
+        last = since + len(items)  # cursors are dense
+        if pending and len(page) < limit:
+            page.extend([m for m in pending if m.cursor > last][: limit - len(page)])
+            last = page[-1][0] if type(page[-1]) is StoredMessage else last  # type: ignore[index]
+        return Page(Messages(page), last, last < max(applied_head, pending_head), epoch=self._epoch)
 
     def _reset_page(self, reason: str, head: int) -> Page:
         """The answer to a position outside this store's history: resync from 0."""
         return Page(Messages(), 0, head > 0, reset=True, reset_reason=reason, epoch=self._epoch)
+
+    def get(self, msg_id: int) -> MessageRecord | None:
+        """The message ``msg_id`` (a quoted or replied-to message), or None if this store holds none.
+
+        Returns a :class:`MessageRecord`: the message as stored once for all
+        its recipients, without a cursor.  Like ``sync``, shows only durable
+        messages.  The store does no access control: whether the asking user
+        may see the message is the embedding server's decision.
+        """
+        self._check_usable()
+        check_u64("msg_id", msg_id)
+        if self._writer is not None:
+            pending = self._writer.pending_message(msg_id)
+            if pending is not None:
+                return pending
+        assert self._state is not None
+        with self._state.read() as txn:
+            value = self._state.message(txn, msg_id)
+        return None if value is None else MessageRecord.from_value(msg_id, value)
+
+    def history(self, user: int, conv: int, before: int | None = None, limit: int = 50) -> HistoryPage:
+        """Scroll back in one chat: ``user``'s messages of conversation ``conv`` with cursor < ``before``, newest first.
+
+        ``before=None`` starts from the newest message.  Returns a
+        :class:`HistoryPage` of at most ``limit`` (1..10,000) messages; pass
+        its ``before`` to get the next, older page.  Served from the history
+        index (user, conv -> cursors), never by filtering the inbox: cost is
+        proportional to the page, not to the inbox.  Durable messages only.
+        """
+        self._check_usable()
+        check_u64("user", user)
+        check_u64("conv", conv)
+        if before is not None:
+            check_u64("before", before)
+        if type(limit) is not int or not 1 <= limit <= MAX_SYNC_LIMIT:
+            raise InvalidArgument(f"limit must be an int in 1..{MAX_SYNC_LIMIT}, got {limit!r}", key="limit")
+        below = MAX_U64 if before is None else before
+        # Unapplied records first; LMDB answers only below the lowest of them, so a
+        # record the applier moves in between is neither missed nor seen twice.
+        pending, floor = self._writer.pending_history(user, conv, below) if self._writer else ([], None)
+        page: list[InboxRef | StoredMessage] = pending[: limit + 1]  # type: ignore[assignment]
+        if len(page) <= limit:
+            assert self._state is not None
+            with self._state.read() as txn:
+                page += self._state.scan_history(txn, user, conv, below if floor is None else min(below, floor), limit + 1 - len(page))
+        messages = Messages(page[:limit])
+        oldest = messages[-1].cursor if messages else (0 if before is None else before)
+        return HistoryPage(messages, oldest, len(page) > limit)
 
     @property
     def epoch(self) -> int:

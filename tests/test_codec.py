@@ -15,7 +15,8 @@ from syncstore import CorruptionError, SyncStoreError, _codec
 from syncstore._codec import (
     FRAME_LEAD_SIZE,
     FRAME_PREFIX_SIZE,
-    INBOX_HEAD_SIZE,
+    INBOX_ENTRY_SIZE,
+    STORED_HEAD_SIZE,
     MAX_PAYLOAD,
     RECORD_DELIVER,
     SEGMENT_HEADER_SIZE,
@@ -31,7 +32,7 @@ from syncstore._codec import (
     encode_frame,
     encode_segment_header,
 )
-from syncstore.model import StoredMessage
+from syncstore.model import MessageRecord, StoredMessage
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 # Values that exercise every byte of a u64, not just small ones.
@@ -333,12 +334,31 @@ def test_dedup_bad_lengths_are_corruption(msg_id, fingerprint, pairs, cut):
 
 
 @given(delivers(), U64_EDGES)
-def test_inbox_value_round_trip(record, cursor):
-    value = _codec.encode_inbox_value(cursor, _codec.encode_inbox_head(record))
-    head = _codec.unpack_inbox_head(value)
-    assert head == (cursor, record.msg_id, record.sender, record.conv, record.client_seq, record.ts_ms, record.priority)
-    assert value[INBOX_HEAD_SIZE:] == record.body
-    assert StoredMessage.from_value(value) == StoredMessage.from_record(cursor, record)
+def test_message_and_inbox_entry_round_trip(record, cursor):
+    value = _codec.encode_message_value(record)
+    assert _codec.unpack_stored_head(value) == (len(record.pairs), record.sender, record.conv, record.client_seq, record.ts_ms, record.priority)
+    assert value[STORED_HEAD_SIZE:] == record.body
+    entry = _codec.pack_inbox_entry(cursor, record.msg_id, record.conv, record.priority)
+    assert len(entry) == INBOX_ENTRY_SIZE
+    assert _codec.unpack_inbox_entry(entry) == (cursor, record.msg_id, record.conv, record.priority)
+    key = struct.pack(">Q", record.msg_id)
+    assert StoredMessage.from_ref((entry, (key, value))) == StoredMessage.from_record(cursor, record)
+    assert MessageRecord.from_value(record.msg_id, value) == MessageRecord.from_record(record)
+
+
+@given(delivers(), st.integers(0, 2**32 - 1))
+def test_set_refs_changes_only_the_count(record, refs):
+    value = _codec.encode_message_value(record)
+    changed = _codec.set_refs(value, refs)
+    assert _codec.unpack_stored_head(changed)[0] == refs
+    assert changed[4:] == value[4:]  # an identity function would fail the line above for refs != len(pairs)
+
+
+@given(st.lists(st.tuples(U64_EDGES, U64_EDGES), min_size=2, max_size=30, unique=True))
+def test_inbox_entries_sort_by_cursor(pairs):
+    # LMDB sorts a user's duplicates by their bytes: that must be cursor order.
+    entries = [_codec.pack_inbox_entry(cursor, msg_id, 7, 0) for cursor, msg_id in pairs]
+    assert [_codec.unpack_inbox_entry(e)[0] for e in sorted(entries)] == sorted(cursor for cursor, _ in pairs) or len({c for c, _ in pairs}) < len(pairs)
 
 
 # --- segment header --------------------------------------------------------------------

@@ -8,16 +8,14 @@ check against a first delivery still in the overlay (not yet applied), one in
 LMDB, after a reopen and after a crash (replay rebuilds the entries); expiry;
 ``deliver_many`` (its pre-pass, repeats within a batch, chunks and the claims
 that guard later chunks); ``check()`` verifying fingerprints; the dedup value's
-codec; and the migration of stores written before the fingerprint existed
-(``tests/data/legacy-stores-38dff88.tar.gz``).
+codec.  The migration of stores written before the fingerprint existed is
+in ``test_migrate.py``.
 """
 
 from __future__ import annotations
 
 import struct
-import tarfile
 import threading
-from pathlib import Path
 
 import hypothesis.strategies as st
 import lmdb
@@ -26,11 +24,9 @@ from hypothesis import given
 
 import syncstore
 from syncstore import CorruptionError, Delivery, IdempotencyConflict, Message, SyncStoreError, _codec, _writer
-from syncstore import state as state_module
 from syncstore._ids import msg_id_ms
 
 DAY = 86_400_000
-LEGACY = Path(__file__).parent / "data" / "legacy-stores-38dff88.tar.gz"
 _pair = struct.Struct(">QQ")
 
 
@@ -386,21 +382,30 @@ def rewrite_lmdb(path: str, db: bytes, key: bytes, change) -> None:
         env.close()
 
 
-@pytest.mark.parametrize("damage", ["fingerprint", "inbox body", "inbox conv", "one recipient's copy"])
-def test_check_verifies_every_fingerprint_against_the_inbox(store_path, damage):
+@pytest.mark.parametrize("damage", ["fingerprint", "message body", "message conv and entries"])
+def test_check_verifies_every_fingerprint_against_the_message(store_path, damage):
     with syncstore.open(store_path) as store:
-        store.deliver(first_message(), to=[7, 9])
+        msg_id = store.deliver(first_message(), to=[7, 9]).msg_id
         store.deliver(first_message(seq=2), to=[7, 9])
+    key = struct.pack(">Q", msg_id)
     if damage == "fingerprint":
         rewrite_lmdb(store_path, b"dedup", _pair.pack(7, 1), lambda v: v[:8] + bytes(16) + v[24:])
-    elif damage == "inbox body":  # both recipients, consistently: only the fingerprint can tell
-        for uid in (7, 9):
-            rewrite_lmdb(store_path, b"inbox", _pair.pack(uid, 1), lambda v: v[:-2] + b"HI")
-    elif damage == "inbox conv":
-        for uid in (7, 9):
-            rewrite_lmdb(store_path, b"inbox", _pair.pack(uid, 1), lambda v: v[:24] + struct.pack(">Q", 43) + v[32:])
-    else:
-        rewrite_lmdb(store_path, b"inbox", _pair.pack(9, 1), lambda v: v[:-2] + b"HI")
+    elif damage == "message body":  # the body is stored once: only the fingerprint can tell
+        rewrite_lmdb(store_path, b"messages", key, lambda v: v[:-2] + b"HI")
+    else:  # conv changed consistently in the message and both inbox entries (and their history entries)
+        rewrite_lmdb(store_path, b"messages", key, lambda v: v[:12] + struct.pack(">Q", 43) + v[20:])
+        env = lmdb.open(f"{store_path}/state", max_dbs=8)
+        try:
+            inbox, history = env.open_db(b"inbox", dupsort=True, dupfixed=True), env.open_db(b"history", dupsort=True, dupfixed=True)
+            with env.begin(write=True) as txn:
+                for uid in (7, 9):
+                    entry = _codec.pack_inbox_entry(1, msg_id, 42, 0)
+                    assert txn.delete(struct.pack(">Q", uid), entry, db=inbox)
+                    txn.put(struct.pack(">Q", uid), _codec.pack_inbox_entry(1, msg_id, 43, 0), db=inbox)
+                    assert txn.delete(_pair.pack(uid, 42), struct.pack(">Q", 1), db=history)
+                    txn.put(_pair.pack(uid, 43), struct.pack(">Q", 1), db=history)
+        finally:
+            env.close()
     with syncstore.open(store_path) as store:
         with pytest.raises(CorruptionError) as raised:
             store.check()
@@ -453,170 +458,3 @@ def test_a_fingerprint_changes_with_any_bit_of_conv_or_body(conv, body, bit, byt
 def test_encode_dedup_refuses_a_fingerprint_of_another_size(size):
     with pytest.raises(ValueError):
         _codec.encode_dedup(1, bytes(size), ((1, 1),))
-
-
-# --- existing stores keep opening: the format-1 -> 2 migration -----------------------------------
-
-
-@pytest.fixture
-def legacy(tmp_path) -> Path:
-    """The stores written by 38dff88 (see README.txt in the archive), extracted into tmp_path."""
-    with tarfile.open(LEGACY) as archive:
-        archive.extractall(tmp_path, filter="data")
-    return tmp_path
-
-
-def meta(path: Path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(path / "state"), max_dbs=8, readonly=True)
-    try:
-        with env.begin(db=env.open_db(b"meta", create=False)) as txn:
-            return dict(txn.cursor())
-    finally:
-        env.close()
-
-
-def dedup_values(path: Path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(path / "state"), max_dbs=8, readonly=True)
-    try:
-        with env.begin(db=env.open_db(b"dedup", create=False)) as txn:
-            return dict(txn.cursor())
-    finally:
-        env.close()
-
-
-def set_meta(path: Path, key: bytes, value: bytes) -> None:
-    env = lmdb.open(str(path / "state"), max_dbs=8)
-    try:
-        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
-            txn.put(key, value)
-    finally:
-        env.close()
-
-
-def format_of(path: Path) -> int:
-    return struct.unpack(">Q", meta(path)[b"format_version"])[0]
-
-
-def deliveries(store: syncstore.Store, users) -> dict[tuple[int, int], tuple[syncstore.StoredMessage, dict[int, int]]]:
-    """(sender, client_seq) -> (the message, {recipient: cursor}), read back through sync()."""
-    found: dict = {}
-    for uid in users:
-        for m in store.sync(uid, limit=10_000).messages:
-            found.setdefault((m.sender, m.client_seq), (m, {}))[1][uid] = m.cursor
-    return found
-
-
-def clock_after(store_dir: Path) -> FakeClock:
-    """A clock an hour after the newest message of a legacy store (its keys are then inside the window)."""
-    # Read LMDB's meta directly: a read-only view of a store from before the marker is refused.
-    newest = struct.unpack(">Q", meta(store_dir).get(b"last_msg_id", bytes(8)))[0]
-    if newest == 0:  # legacy-crashed: nothing applied; the WAL holds it all
-        return FakeClock(1_800_000_000_000)
-    return FakeClock(msg_id_ms(newest) + 3_600_000)
-
-
-def assert_retries_are_checked(store: syncstore.Store, sender: int, users) -> None:
-    """40 keys: the same content is a duplicate of the first delivery; another body, conv or recipients a conflict."""
-    first = deliveries(store, users)
-    assert sorted(first) == [(sender, seq) for seq in range(1, 41)]
-    for (snd, seq), (m, cursors) in first.items():
-        to = sorted(cursors, reverse=True)
-        again = store.deliver(Message(snd, m.conv, seq, m.body, ts_ms=1), to=to)
-        assert again == Delivery(m.msg_id, True, cursors)
-        for other, other_to in (
-            (Message(snd, m.conv, seq, m.body + b"!"), to),
-            (Message(snd, m.conv + 1, seq, m.body), to),
-            (Message(snd, m.conv, seq, m.body), to[1:]),
-        ):
-            with pytest.raises(IdempotencyConflict) as raised:
-                store.deliver(other, to=other_to)
-            assert (raised.value.key, raised.value.msg_id) == ((snd, seq), m.msg_id)
-    assert deliveries(store, users) == first  # nothing was written
-
-
-def test_a_store_written_before_the_fingerprint_migrates_on_open(legacy):
-    path = legacy / "legacy-closed"
-    assert format_of(path) == 1
-    with pytest.raises(syncstore.LayoutError):  # a view needs the marker, which only a writer adds
-        syncstore.open(path, readonly=True)
-    assert format_of(path) == 1  # and the refusal changed nothing
-    clock = clock_after(path)
-    with syncstore.open(path, clock_ms=clock) as store:
-        assert store.check()["dedup_entries"] == 40
-        assert_retries_are_checked(store, 7, (7, 9, 11))
-        assert store.deliver(Message(7, 42, 41, b"new"), to=[7, 11]).cursors == {7: 41, 11: 14}
-        store.check()
-    assert format_of(path) == 2 and b"dedup_v1_after" not in meta(path)
-    values = dedup_values(path)
-    with syncstore.open(path, clock_ms=clock) as store:  # a second open changes nothing
-        assert store.check()["dedup_entries"] == 41
-    assert dedup_values(path) == values
-
-
-def test_a_crashed_store_written_before_the_fingerprint_replays_into_the_new_format(legacy):
-    path = legacy / "legacy-crashed"
-    with syncstore.open(path, clock_ms=FakeClock(1_800_000_000_000), dedup_window_ms=2**40, hot_window_ms=DAY) as store:
-        store.check()
-        assert_retries_are_checked(store, 8, (8, 12))
-        assert store.check()["dedup_entries"] == 40
-    assert format_of(path) == 2
-
-
-def test_an_interrupted_migration_resumes_and_an_old_version_cannot_open_it_meanwhile(legacy, monkeypatch):
-    path = legacy / "legacy-closed"
-    clock = clock_after(path)
-    before = dedup_values(path)
-    monkeypatch.setattr(state_module, "_MIGRATE_BATCH", 7)
-    original = state_module.State._upgrade_step
-    steps = []
-
-    def crash_after_two(self, txn, batch):
-        if len(steps) == 2:
-            raise syncstore.DurabilityError("simulated crash between migration transactions")
-        steps.append(batch)
-        return original(self, txn, batch)
-
-    monkeypatch.setattr(state_module.State, "_upgrade_step", crash_after_two)
-    with pytest.raises(syncstore.DurabilityError):
-        syncstore.open(path, clock_ms=clock)
-    assert steps == [7, 7]
-    # Half done: format 2 (38dff88 refuses any format but 1), the first 14 keys rewritten, the rest as they were.
-    assert format_of(path) == 2
-    keys = sorted(before)
-    assert meta(path)[b"dedup_v1_after"] == keys[13]
-    after = dedup_values(path)
-    assert [after[k] == before[k] for k in keys] == [False] * 14 + [True] * 26
-    with syncstore.open(path, readonly=True) as reader:  # a reader meanwhile sees a consistent store
-        assert reader.check()["dedup_entries"] == 40
-    monkeypatch.setattr(state_module.State, "_upgrade_step", original)
-    with syncstore.open(path, clock_ms=clock) as store:
-        store.check()
-        assert_retries_are_checked(store, 7, (7, 9, 11))
-    assert b"dedup_v1_after" not in meta(path)
-
-
-def test_a_damaged_format_1_entry_is_refused_before_anything_is_migrated(legacy, monkeypatch):
-    monkeypatch.setattr(state_module, "_MIGRATE_BATCH", 7)  # many transactions: the check must come before the first
-    path = legacy / "legacy-closed"
-    key = _pair.pack(7, 40)
-    before = dedup_values(path)
-    # Point the last entry at a cursor that does not exist.
-    rewrite_lmdb(str(path), b"dedup", key, lambda v: v[:12] + _pair.pack(9, 999) + v[28:])
-    damaged = dedup_values(path)
-    with pytest.raises(CorruptionError) as raised:
-        syncstore.open(path)
-    assert raised.value.key == (7, 40)
-    assert format_of(path) == 1 and dedup_values(path) == damaged != before
-
-
-def test_a_state_format_newer_than_this_code_is_refused_naming_it(store_path):
-    with syncstore.open(store_path) as store:
-        store.deliver(first_message(), to=[7])
-    set_meta(Path(store_path), b"format_version", struct.pack(">Q", 3))
-    for readonly in (False, True):
-        with pytest.raises(CorruptionError) as raised:
-            syncstore.open(store_path, readonly=readonly)
-        assert "format 3" in str(raised.value) and "1 to 2" in str(raised.value)
-    set_meta(Path(store_path), b"format_version", struct.pack(">Q", 2))
-    with syncstore.open(store_path) as store:  # the refused opens left nothing behind
-        store.check()
