@@ -26,15 +26,18 @@ probe); applied = acknowledged - waiting.
   applies.  Counting either transient would skew the slowdown (at 300k
   messages the first quarter's acknowledged rate was 44k msg/s, its applied
   rate 4.5k, the steady rate ~15k).  So the first quarter's window starts at
-  the first sample where the backlog has reached half its largest size of
-  the run, and the last quarter's window ends at the last acknowledgement;
+  the first sample where the backlog has reached 90 % of its plateau (the
+  median backlog over all samples), and the last quarter's window ends at
+  the last acknowledgement: both ends then have about the same backlog, and
   in between, acknowledged and applied advance at the same pace.
 - **ack** (``quarter_ack_msg_per_s``): acknowledged messages per second per
   quarter, from the start (what the caller sees, transients included).  The
   quarters fall back to these (``quarter_basis: "ack"``) when the probe is
-  missing or a steady window applied nothing -- at small scales, where the
-  whole run fits in the backlog and is applied at close; the benchmark then
+  missing, a steady window applied nothing, or the first quarter's steady
+  window is shorter than half a quarter -- at small scales, where the
+  backlog (~70k messages) is a large part of the run: the benchmark then
   leaves the slowdown out (it would measure the backlog, not the store).
+  At 1M messages the first window is ~70k..250k.
 
 The slowdown is 1 - (rate of the last quarter / rate of the first).
 
@@ -63,6 +66,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -168,6 +172,29 @@ def check(path: str, messages: int, users: int, senders: array, offsets: array, 
     return errors
 
 
+def quarter_rates(samples: list[tuple[float, int, int | None]], start: float, messages: int) -> tuple[list[float], list[float], str, int | None]:
+    """(rates, ack rates, basis, steady_from) of the four quarters, from per-batch ``(time, acknowledged, waiting)`` samples.
+
+    See the module docstring: quarter q ends with the first sample that
+    reaches ``q/4`` of the messages (the last with the last sample);
+    ``basis`` is "applied" (steady-state applied rates; ``steady_from`` is
+    the index of the sample where the first window starts) or "ack".
+    """
+    ends = [next(i for i, (_, acked, _) in enumerate(samples) if acked >= messages * q // 4) for q in (1, 2, 3)] + [len(samples) - 1]
+    ack_points = [(start, 0), *((samples[i][0], samples[i][1]) for i in ends)]
+    ack_rates = [(ack_points[q + 1][1] - ack_points[q][1]) / (ack_points[q + 1][0] - ack_points[q][0]) for q in range(4)]
+    if any(waiting is None for _, _, waiting in samples):
+        return ack_rates, ack_rates, "ack", None
+    plateau = statistics.median(waiting for _, _, waiting in samples)  # type: ignore[type-var]
+    steady_from = next(i for i, (_, _, waiting) in enumerate(samples) if waiting >= 0.9 * plateau)  # type: ignore[operator]
+    if samples[ends[0]][1] - samples[steady_from][1] < messages // 8:  # Q1's window: at least half a quarter
+        return ack_rates, ack_rates, "ack", steady_from
+    points = [(samples[i][0], samples[i][1] - samples[i][2]) for i in (steady_from, *ends)]  # type: ignore[operator]
+    if any(points[q + 1][1] <= points[q][1] for q in range(4)):
+        return ack_rates, ack_rates, "ack", steady_from
+    return [(points[q + 1][1] - points[q][1]) / (points[q + 1][0] - points[q][0]) for q in range(4)], ack_rates, "applied", steady_from
+
+
 def main(argv: list[str] | None = None) -> int:
     """Ingest, measure, check, then print the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -216,19 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.join()
     peaks["RssAnon"] = max(peaks["RssAnon"], status_kb("RssAnon")["RssAnon"])
 
-    # Quarter q ends with the first sample that reaches its mark.
-    ends = [next(i for i, (_, acked, _) in enumerate(samples) if acked >= messages * q // 4) for q in (1, 2, 3)] + [len(samples) - 1]
-    ack_points = [(start, 0), *((samples[i][0], samples[i][1]) for i in ends)]
-    ack_rates = [(ack_points[q + 1][1] - ack_points[q][1]) / (ack_points[q + 1][0] - ack_points[q][0]) for q in range(4)]
-    rates, basis, steady_from = ack_rates, "ack", None
-    if all(waiting is not None for _, _, waiting in samples):
-        largest = max(waiting for _, _, waiting in samples)
-        steady_from = next(i for i, (_, _, waiting) in enumerate(samples) if waiting >= largest / 2)
-        if steady_from < ends[0]:
-            points = [(samples[i][0], samples[i][1] - samples[i][2]) for i in (steady_from, *ends)]
-            if all(points[q + 1][1] > points[q][1] for q in range(4)):
-                rates = [(points[q + 1][1] - points[q][1]) / (points[q + 1][0] - points[q][0]) for q in range(4)]
-                basis = "applied"
+    rates, ack_rates, basis, steady_from = quarter_rates(samples, start, messages)
     lmdb_used, lmdb_live = lmdb_sizes(args.path)
     report = {
         "messages": messages,

@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from _harness import RESULTS, SECTIONS, Row, Section, Target, sized
+from _sustained import quarter_rates
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL_MESSAGES, FULL_USERS, FULL_BATCH = 1_000_000, 200_000, 10_000
@@ -93,3 +94,33 @@ def test_sustained_deliver_many(benchmark, scale, fresh_dir):
         ),
         benchmark,
     )
+
+
+def simulated_samples(messages: int, batch: int, rates: list[float], backlog: int = 70_000, fill_s: float = 0.1) -> list[tuple[float, int, int]]:
+    """Per-batch samples of a writer that sequences ``backlog`` messages fast, then waits on an applier running at ``rates[quarter]``."""
+    samples, t = [], 0.0
+    for end in range(batch, messages + 1, batch):
+        if end <= backlog:
+            t += fill_s
+            samples.append((t, end, end))
+        else:
+            t += batch / rates[min(3, (end - 1) * 4 // messages)]
+            samples.append((t, end, backlog))
+    return samples
+
+
+def test_quarter_rates_leave_out_the_backlog_transients():
+    samples = simulated_samples(1_000_000, 10_000, [20_000, 20_000, 16_000, 16_000])
+    rates, ack_rates, basis, steady_from = quarter_rates(samples, 0.0, 1_000_000)
+    assert basis == "applied" and samples[steady_from][1] == 70_000
+    assert [round(r) for r in rates] == [20_000, 20_000, 16_000, 16_000]
+    assert ack_rates[0] > 1.2 * rates[0]  # the ack rate of Q1 is flattered by the backlog filling
+    assert round(1 - rates[3] / rates[0], 3) == 0.2
+
+
+def test_quarter_rates_fall_back_to_ack_rates_when_the_backlog_dominates():
+    small = simulated_samples(300_000, 10_000, [20_000] * 4)  # Q1's steady window: 70k..80k, under half a quarter
+    assert quarter_rates(small, 0.0, 300_000)[2] == "ack"
+    no_probe = [(t, acked, None) for t, acked, _ in simulated_samples(1_000_000, 10_000, [20_000] * 4)]
+    rates, ack_rates, basis, steady_from = quarter_rates(no_probe, 0.0, 1_000_000)
+    assert basis == "ack" and rates == ack_rates and steady_from is None
