@@ -89,8 +89,9 @@ def snapshot_view(state, txn) -> dict:
     return {
         "head": state.head(txn, HELD),
         "applied_lsn": state.applied_lsn(txn),
-        "heads": [(k.hex(), v.hex()) for k, v in txn.cursor(db=state.heads)],
+        "heads": list(state.iter_heads(txn)),
         "inbox": [(k.hex(), v.hex()) for k, v in txn.cursor(db=state.inbox)],
+        "messages": [(k.hex(), v.hex()) for k, v in txn.cursor(db=state.messages)],
     }
 
 

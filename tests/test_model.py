@@ -6,8 +6,10 @@ in another order and a new ts_ms) or with another conv, body or recipients (an
 ``IdempotencyConflict`` that writes nothing), reads pages with random
 ``since``/``limit``, closes and reopens, and "crashes" (``Store._abandon()``,
 which drops the store like a SIGKILL, then ``open`` recovers from the WAL).
-After every step the store's own ``check()`` must pass and every head must
-match the model.  A small user-id and client_seq space makes collisions (and
+After every step the store's own ``check()`` must pass -- it recounts every
+message's references, so a body orphaned or freed early fails it -- and every
+head must match the model; ``history`` (paged back from random points) and
+``get`` are checked against the model too.  A small user-id and client_seq space makes collisions (and
 so duplicates) frequent.
 """
 
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import syncstore
-from syncstore import IdempotencyConflict, InvalidArgument, Message, StoreClosed, StoredMessage
+from syncstore import IdempotencyConflict, InvalidArgument, Message, MessageRecord, StoreClosed, StoredMessage
 from syncstore._ids import msg_id_ms
 from syncstore.wal import DEFAULT_SEGMENT_BYTES
 
@@ -39,7 +41,7 @@ messages = st.builds(
     ts_ms=st.none() | st.integers(0, 2**64 - 1),
     priority=st.integers(0, 255),
 )
-recipient_lists = st.lists(users, min_size=1, max_size=4)  # repeats allowed: they count once
+recipient_lists = st.lists(users, min_size=1, max_size=7)  # repeats allowed: they count once; up to all six users (a group)
 batches = st.lists(st.tuples(messages, recipient_lists), min_size=1, max_size=6)
 limits = st.integers(1, 8) | st.just(10_000)
 # Small WAL segments make rotation and retirement frequent; the default (64 MiB) is the real thing.
@@ -178,6 +180,21 @@ class StoreMachine(RuleBasedStateMachine):
             page = self.store.sync(uid, since=0, limit=10_000)
             assert list(page.messages) == self.inbox[uid], f"user {uid}"
             assert not page.has_more and page.next == len(self.inbox[uid])
+            for conv in {m.conv for m in self.inbox[uid]}:
+                assert list(self.store.history(uid, conv, limit=10_000).messages) == self._history(uid, conv, None)
+        for msg_id, _cursors in self.first.values():
+            assert self.store.get(msg_id) == self._record(msg_id)
+
+    def _history(self, uid: int, conv: int, before: int | None) -> list[StoredMessage]:
+        """The model's answer to history(): the user's messages of ``conv`` below ``before``, newest first."""
+        return [m for m in reversed(self.inbox[uid]) if m.conv == conv and (before is None or m.cursor < before)]
+
+    def _record(self, msg_id: int) -> MessageRecord | None:
+        for inbox in self.inbox.values():
+            for m in inbox:
+                if m.msg_id == msg_id:
+                    return MessageRecord(*m[1:])
+        return None
 
     # --- rules -------------------------------------------------------------------------
 
@@ -243,6 +260,35 @@ class StoreMachine(RuleBasedStateMachine):
         if self.durability == "sync":
             assert got == expected
             assert page.has_more == (page.next < len(inbox))
+
+    @rule(user=users, conv=st.integers(0, 3), data=st.data(), limit=limits)
+    def history(self, user, conv, data, limit):
+        """Scroll back page by page from a random point: every page newest first, nothing skipped or repeated."""
+        if self.durability != "sync":
+            self.store.flush()  # then every acknowledged message is visible, as in "sync" mode
+            self._all_durable()
+        before = data.draw(st.none() | st.integers(0, len(self.inbox[user]) + 2), label="before")
+        expected = self._history(user, conv, before)
+        got: list[StoredMessage] = []
+        while True:
+            page = self.store.history(user, conv, before=before, limit=limit)
+            assert len(page.messages) <= limit
+            got += page.messages
+            if not page.has_more:
+                break
+            assert page.messages and page.before == page.messages[-1].cursor
+            before = page.before
+        assert got == expected
+
+    @rule(data=st.data())
+    def get(self, data):
+        """get(msg_id): a delivered message (without cursor), or None for an id never delivered."""
+        if self.durability != "sync":
+            self.store.flush()
+            self._all_durable()
+        known = [msg_id for msg_id, _cursors in self.first.values()]
+        msg_id = data.draw(st.sampled_from(known) if known else st.just(12345), label="msg_id") if data.draw(st.booleans()) else self.last_msg_id + 1
+        assert self.store.get(msg_id) == self._record(msg_id)
 
     @rule(user=users)
     def head(self, user):
