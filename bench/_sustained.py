@@ -7,9 +7,7 @@ among ``--users``, one 200-byte body), ``durability="none"``, batches of
 10,000 per ``deliver_many`` call.  The run is cut into four quarters (250k
 messages each at 1M; a quarter ends with the first batch that reaches its
 mark, so quarters are equal when the batch divides a quarter) and the rate
-of each is reported, so
-a store that slows down as it grows shows it: the slowdown is 1 - (rate of
-the last quarter / rate of the first).
+of each is reported, so a store that slows down as it grows shows it.
 
 Rates.  After every batch the driver samples the time, the messages
 acknowledged and the records still waiting for the applier
@@ -23,9 +21,9 @@ probe); applied = acknowledged - waiting.
   65,536 records (plus the batch in flight) wait for the applier before it
   blocks the caller; until that backlog has filled, the caller sequences
   without the applier keeping pace, and after the last call ``close()`` only
-  applies.  Counting either transient would skew the slowdown (at 300k
-  messages the first quarter's acknowledged rate was 44k msg/s, its applied
-  rate 4.5k, the steady rate ~15k).  So the first quarter's window starts at
+  applies.  Counting either transient would skew the slowdown (format 2,
+  300k messages: the first quarter's acknowledged rate was 44k msg/s, its
+  applied rate 4.5k, the steady rate ~15k).  So the first quarter's window starts at
   the first sample where the backlog has reached 90 % of its plateau (the
   median backlog over all samples), and the last quarter's window ends at
   the last acknowledgement: both ends then have about the same backlog, and
@@ -37,7 +35,7 @@ probe); applied = acknowledged - waiting.
   window is shorter than half a quarter -- at small scales, where the
   backlog (~70k messages) is a large part of the run: the benchmark then
   leaves the slowdown out (it would measure the backlog, not the store).
-  At 1M messages the first window is ~70k..250k.
+  With a ~70k backlog, 1M messages give a first window of ~70k..250k.
 
 The slowdown is 1 - (rate of the last quarter / rate of the first).
 
@@ -48,8 +46,8 @@ starts (two ``array('I')``, 8 bytes per message, counted in RssAnon).
 Also reported: the store's size after close, as LMDB's used pages
 (``(last_pgno + 1) * psize`` read with a read-only, lock-free environment),
 LMDB's live pages (those the B-trees hold, without the free list; see
-:func:`lmdb_sizes`) and as the bytes its files occupy on disk (``st_blocks * 512`` of every file,
-preallocated WAL segments included); RssAnon before the ingest and its peak
+:func:`lmdb_sizes`) and as the bytes its files occupy on disk
+(``st_blocks * 512`` of every file, preallocated WAL segments included); RssAnon before the ingest and its peak
 (sampled every 50 ms, and at the end), in KiB.  After the report's numbers
 are taken the store is reopened and checked: the heads of all users add up
 to 2 x messages, and for a sample of users ``sync`` returns exactly the
