@@ -12,13 +12,22 @@ rendering (ratios, targets met or missed) is ``bench/_harness.render``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
 
 from _harness import Row, render  # noqa: E402
+
+
+def register_sections() -> None:
+    """Import every benchmark module: some register their table section (``SECTIONS``) at import."""
+    for name in sorted(os.listdir(BENCH)):
+        if name.startswith("test_bench_") and name.endswith(".py"):
+            importlib.import_module(name[:-3])
 
 
 def load_rows(path: str) -> tuple[list[Row], dict]:
@@ -35,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json_files", nargs="+", metavar="JSON", help="output of --benchmark-json; a later file's rows replace earlier ones")
     parser.add_argument("--markdown", action="store_true", help="Markdown tables (for docs/benchmarks.md)")
     args = parser.parse_args(argv)
+    register_sections()
     merged: dict[tuple[str, str], Row] = {}
     machine: dict = {}
     for path in args.json_files:
