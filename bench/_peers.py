@@ -9,7 +9,7 @@
   once, in a ``messages`` table, and their inbox rows an empty body that the
   read fills in from there.
 - :class:`LmdbCeiling`: raw py-lmdb writing and reading exactly syncstore's
-  state format 3 (issue #8: one body per message in ``messages``, 25-byte
+  state format 3 (issue #8: one body per message in ``messages``, 16-byte
   ``inbox`` and 8-byte ``history`` dups per recipient, no heads db), one write
   transaction per message with LMDB's default durability (``sync=True,
   metasync=True``), or one per batch with one ``putmulti`` per database;
@@ -47,7 +47,7 @@ _u64 = struct.Struct(">Q")
 # The peers encode values with the sizes of syncstore's (docs/format.md, state format 3)
 # but their own code, so they do not depend on syncstore internals.
 _message_head = struct.Struct(">IQQQQB")  # messages value: refs, sender, conv, client_seq, ts_ms, priority (37 B), body
-_inbox_entry = struct.Struct(">QQQB")  # inbox dup: cursor, msg_id, conv, priority (25 B)
+_inbox_entry = struct.Struct(">QQ")  # inbox dup: cursor, msg_id (16 B)
 _dedup_head = struct.Struct(">Q16sI")  # LMDB dedup value: msg_id, fingerprint, recipient count; then the pairs
 _sqlite_dedup_head = struct.Struct(">QI")  # SQLite's cursors blob: msg_id, recipient count; then the pairs
 
@@ -276,7 +276,7 @@ class LmdbCeiling:
     Named databases, keys and values exactly as in format 3
     (``/work/shared-notes/layout-v3.md``, later ``docs/format.md``):
     ``messages`` (one body per message, with a reference count), ``inbox``
-    and ``history`` (DUPSORT | DUPFIXED: one 25-byte and one 8-byte dup per
+    and ``history`` (DUPSORT | DUPFIXED: one 16-byte and one 8-byte dup per
     recipient), ``dedup``, ``dedup_expiry`` and ``meta`` (``format_version``
     3, written at creation).  No ``heads`` db: a user's head is the cursor of
     the last dup of ``inbox[user]``.  The next msg_id continues after the
@@ -349,7 +349,7 @@ class LmdbCeiling:
         put = txn.put
         written = put(_u64.pack(msg_id), _message_head.pack(len(pairs), sender, conv, client_seq, ts_ms, 0) + body, db=self.messages, append=True)
         for uid, cursor in pairs:
-            written &= put(_u64.pack(uid), _inbox_entry.pack(cursor, msg_id, conv, 0), db=self.inbox, append=True)  # APPENDDUP
+            written &= put(_u64.pack(uid), _inbox_entry.pack(cursor, msg_id), db=self.inbox, append=True)  # APPENDDUP
             written &= put(_pair.pack(uid, conv), _u64.pack(cursor), db=self.history, append=True)
         written &= put(dedup_key, encode_dedup(msg_id, fingerprint(conv, body), pairs), db=self.dedup)
         written &= put(_triple.pack(ts_ms, sender, client_seq), b"", db=self.expiry)
@@ -406,7 +406,7 @@ class LmdbCeiling:
                     heads[uid] = head = head + 1
                     pairs_list.append((uid, head))
                     packed_pairs.append(pack_pair(uid, head))
-                    add_inbox((pack_u64(uid), pack_entry(head, msg_id, conv, 0)))
+                    add_inbox((pack_u64(uid), pack_entry(head, msg_id)))
                     add_history((pack_pair(uid, conv), pack_u64(head)))
                 pairs = tuple(pairs_list)
                 add_message((pack_u64(msg_id), pack_head(len(pairs), sender, conv, client_seq, ts_ms, 0) + body))

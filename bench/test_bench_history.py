@@ -117,7 +117,8 @@ def _key(m) -> tuple[int, int, int, bytes]:
 
 def _raw_key(ref) -> tuple[int, int, int, bytes]:
     entry, (_key, value) = ref
-    cursor, msg_id, conv, _priority = struct.unpack(">QQQB", entry)
+    cursor, msg_id = struct.unpack(">QQ", entry)
+    conv = struct.unpack_from(">Q", value, 12)[0]  # the message value's conv (after refs and sender)
     return (cursor, msg_id, conv, value[37:])
 
 

@@ -115,8 +115,8 @@ def _answers(system_name: str, page) -> list[tuple[int, int, bytes]]:
         return [(m.cursor, m.conv, m.body) for m in page]
     if system_name == "sqlite":
         return [(row[0], row[3], row[7]) for row in page]
-    # raw format 3: inbox entry (cursor, msg_id, conv, priority), then (msg_id, messages value)
-    return [(cursor, conv, value[37:]) for entry, (_key, value) in page for cursor, _msg_id, conv, _priority in [struct.unpack(">QQQB", entry)]]
+    # raw format 3: inbox entry (cursor, msg_id), then (msg_id, messages value: refs u32, sender, conv, ...)
+    return [(struct.unpack_from(">Q", entry)[0], struct.unpack_from(">Q", value, 12)[0], value[37:]) for entry, (_key, value) in page]
 
 
 def _check_same_answers(systems, heads, queries) -> None:

@@ -59,8 +59,10 @@ Inbox entry, a fixed-size duplicate of key ``user`` in the DUPSORT|DUPFIXED
 
     0       8     cursor
     8       8     msg_id (the message it references)
-    16      8     conv
-    24      1     priority
+
+Nothing else: conv, priority and the rest are the message's, read from it
+(16 bytes per recipient is most of what a group message costs; see
+docs/design.md, "Storage layout").
 
 History entry, a fixed-size duplicate of key ``user | conv`` in the
 DUPSORT|DUPFIXED ``history`` db: the cursor u64 of an inbox entry of that conv.
@@ -128,8 +130,8 @@ PAIR_SIZE = 16  # (user id u64, cursor u64)
 STORED_HEAD_FMT = ">IQQQQB"  # refs, sender, conv, client_seq, ts_ms, priority: a message value before its body
 STORED_HEAD_SIZE = 37
 assert struct.calcsize(STORED_HEAD_FMT) == STORED_HEAD_SIZE
-INBOX_ENTRY_FMT = ">QQQB"  # cursor, msg_id, conv, priority
-INBOX_ENTRY_SIZE = 25
+INBOX_ENTRY_FMT = ">QQ"  # cursor, msg_id
+INBOX_ENTRY_SIZE = 16
 assert struct.calcsize(INBOX_ENTRY_FMT) == INBOX_ENTRY_SIZE
 #: Bytes of the dedup fingerprint.  A false match is a retry with other content
 #: accepted as a duplicate: the message is silently not delivered.  By accident
@@ -383,9 +385,9 @@ def encode_message_value(record: Deliver) -> bytes:
 #: (refs, sender, conv, client_seq, ts_ms, priority); the body is
 #: ``value[STORED_HEAD_SIZE:]``.  Exposed bare because reads call it per message.
 unpack_stored_head = _stored_head.unpack_from
-#: ``pack_inbox_entry(cursor, msg_id, conv, priority)``: a 25-byte inbox entry.
+#: ``pack_inbox_entry(cursor, msg_id)``: a 16-byte inbox entry.
 pack_inbox_entry = _inbox_entry.pack
-#: ``unpack_inbox_entry(entry)`` -> (cursor, msg_id, conv, priority).
+#: ``unpack_inbox_entry(entry)`` -> (cursor, msg_id).
 unpack_inbox_entry = _inbox_entry.unpack_from
 
 

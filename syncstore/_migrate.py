@@ -194,7 +194,7 @@ def _copy_inboxes(txn: Any, inbox: Any, new: State, path: str) -> None:
         stored_cursor, msg_id, sender, conv, client_seq, ts_ms, priority = _legacy_head.unpack_from(value)
         if stored_cursor != cursor:
             raise CorruptionError(f"inbox value names cursor {stored_cursor}", path=path, key=(uid, cursor))
-        entries.append((_u64.pack(uid), _codec.pack_inbox_entry(cursor, msg_id, conv, priority)))
+        entries.append((_u64.pack(uid), _codec.pack_inbox_entry(cursor, msg_id)))
         history.append((_pair.pack(uid, conv), _u64.pack(cursor)))
         content = _stored_head.pack(0, sender, conv, client_seq, ts_ms, priority)[4:] + value[LEGACY_INBOX_HEAD_SIZE:]
         seen = bodies.get(_u64.pack(msg_id))

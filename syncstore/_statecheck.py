@@ -7,9 +7,8 @@ violation raises :class:`CorruptionError` naming the key that breaks it.
 Invariants:
 
 - every user's inbox cursors are dense, 1..head;
-- every inbox entry references a stored message whose conv and priority it
-  repeats, and has its history entry (user | conv -> cursor); the history
-  index holds nothing else;
+- every inbox entry references a stored message, and has its history entry
+  (user | conv of that message -> cursor); the history index holds nothing else;
 - every stored message's ``refs`` equals the number of inbox entries that
   reference it, and none is unreferenced (an orphan body: never freed);
 - every dedup entry names inbox entries holding its msg_id, its fingerprint
@@ -68,7 +67,7 @@ def _check_inboxes(state: State, txn: lmdb.Transaction) -> tuple[int, Counter[in
             users += 1
         if len(entry) != _codec.INBOX_ENTRY_SIZE:
             raise CorruptionError(f"inbox entry of {len(entry)} bytes", path=path, key=uid)
-        cursor, msg_id, conv, priority = unpack_inbox_entry(entry)
+        cursor, msg_id = unpack_inbox_entry(entry)
         if cursor != expected + 1:
             raise CorruptionError(f"user {uid}: cursor {cursor} follows {expected}", path=path, key=(uid, cursor))
         expected = cursor
@@ -77,13 +76,7 @@ def _check_inboxes(state: State, txn: lmdb.Transaction) -> tuple[int, Counter[in
             raise CorruptionError(f"inbox entry references message {msg_id}, which is not stored", path=path, key=(uid, cursor))
         if len(value) < STORED_HEAD_SIZE:
             raise CorruptionError(f"message {msg_id} is truncated", path=path, key=msg_id)
-        _refs, _sender, stored_conv, _seq, _ts, stored_priority = unpack_stored_head(value)
-        if (stored_conv, stored_priority) != (conv, priority):
-            raise CorruptionError(
-                f"inbox entry says conv {conv} priority {priority}, message {msg_id} says conv {stored_conv} priority {stored_priority}",
-                path=path,
-                key=(uid, cursor),
-            )
+        conv = unpack_stored_head(value)[2]
         if not history.set_key_dup(_pair.pack(uid, conv), _u64.pack(cursor)):
             raise CorruptionError(f"inbox entry has no history entry (conv {conv})", path=path, key=(uid, cursor))
         refs[msg_id] += 1
@@ -120,7 +113,7 @@ def _check_dedup(state: State, txn: lmdb.Transaction) -> int:
         except CorruptionError as error:
             raise CorruptionError(error.message, path=path, key=where) from None
         for uid, cursor in pairs:
-            if not inbox.set_range_dup(_u64.pack(uid), _u64.pack(cursor)) or unpack_inbox_entry(inbox.value())[:2] != (cursor, msg_id):
+            if not inbox.set_range_dup(_u64.pack(uid), _u64.pack(cursor)) or unpack_inbox_entry(inbox.value()) != (cursor, msg_id):
                 raise CorruptionError(f"dedup entry points at a missing inbox entry ({uid}, {cursor})", path=path, key=where)
         stored = state.message(txn, msg_id)
         if pairs and stored is None:

@@ -108,12 +108,12 @@ class StoredMessage(NamedTuple):
     def from_ref(cls, ref: InboxRef) -> StoredMessage:
         """Decode an inbox entry and the message it references (formats in docs/format.md)."""
         entry, (key, value) = ref
-        cursor, msg_id, _conv, _priority = unpack_inbox_entry(entry)
+        cursor, msg_id = unpack_inbox_entry(entry)
         _refs, sender, conv, client_seq, ts_ms, priority = unpack_stored_head(value)
         return tuple.__new__(cls, (cursor, msg_id, sender, conv, client_seq, ts_ms, priority, value[STORED_HEAD_SIZE:]))
 
 
-#: How a page holds a stored message until it is accessed: the 25-byte inbox
+#: How a page holds a stored message until it is accessed: the 16-byte inbox
 #: entry and the ``(msg_id key, message value)`` pair that LMDB's ``getmulti`` returned.
 InboxRef = tuple[bytes, tuple[bytes, bytes]]
 

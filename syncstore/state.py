@@ -5,13 +5,13 @@ is numeric order; value formats in ``_codec`` and docs/format.md)::
 
     named db      flags               key                        value
     messages      -                   msg_id                     refs | head | body: each message once
-    inbox         DUPSORT|DUPFIXED    user id                    25-byte entries: cursor | msg_id | conv | priority
+    inbox         DUPSORT|DUPFIXED    user id                    16-byte entries: cursor | msg_id
     history       DUPSORT|DUPFIXED    user id | conv             cursor (of that user's inbox entry)
     dedup         -                   sender | client_seq        first delivery (_codec.encode_dedup)
     dedup_expiry  -                   first-delivery ms | sender | client_seq   empty (purge index, oldest first)
     meta          -                   b"applied_lsn", b"last_msg_id", ...        u64 / bytes
 
-One body per message: every recipient's inbox holds a 25-byte entry that
+One body per message: every recipient's inbox holds a 16-byte entry that
 references it, and ``refs`` counts those entries (``check()`` recounts them),
 so deleting the last reference frees the body.  A user's head is the cursor
 of the last duplicate of its ``inbox`` key: no separate heads database to
@@ -513,7 +513,7 @@ class State:
             ids = {key for key, _value in found}
             for entry in entries:
                 if entry[8:16] not in ids:
-                    cursor, msg_id, _conv, _priority = _codec.unpack_inbox_entry(entry)
+                    cursor, msg_id = _codec.unpack_inbox_entry(entry)
                     raise CorruptionError(f"inbox entry references message {msg_id}, which is not stored", path=self.path, key=(uid, cursor))
         return list(zip(entries, found))
 
@@ -676,7 +676,7 @@ def _encode_batch(records: Sequence[Deliver]) -> tuple[list[list[tuple[bytes, by
 
     Pure: encoding happens before the write transaction opens.  Each message
     is one ``messages`` item whatever its fan-out; each recipient adds a
-    25-byte inbox entry and an 8-byte history entry.
+    16-byte inbox entry and an 8-byte history entry.
     """
     pack, pack_pair, pack_entry = _u64.pack, _pair.pack, _codec.pack_inbox_entry
     messages: list[tuple[bytes, bytes]] = []
@@ -686,11 +686,11 @@ def _encode_batch(records: Sequence[Deliver]) -> tuple[list[list[tuple[bytes, by
     expiry: list[tuple[bytes, bytes]] = []
     last_id = 0
     for record in records:
-        msg_id, conv, priority = record.msg_id, record.conv, record.priority
+        msg_id, conv = record.msg_id, record.conv
         messages.append((pack(msg_id), _codec.encode_message_value(record)))
         for uid, cursor in record.pairs:
             user, at = pack(uid), pack(cursor)
-            inbox.append((user, pack_entry(cursor, msg_id, conv, priority)))
+            inbox.append((user, pack_entry(cursor, msg_id)))
             history.append((pack_pair(uid, conv), at))
         fingerprint = _codec.dedup_fingerprint(conv, record.body)
         dedup.append((pack_pair(record.sender, record.client_seq), _codec.encode_dedup(msg_id, fingerprint, record.pairs)))

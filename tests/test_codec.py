@@ -338,9 +338,9 @@ def test_message_and_inbox_entry_round_trip(record, cursor):
     value = _codec.encode_message_value(record)
     assert _codec.unpack_stored_head(value) == (len(record.pairs), record.sender, record.conv, record.client_seq, record.ts_ms, record.priority)
     assert value[STORED_HEAD_SIZE:] == record.body
-    entry = _codec.pack_inbox_entry(cursor, record.msg_id, record.conv, record.priority)
-    assert len(entry) == INBOX_ENTRY_SIZE
-    assert _codec.unpack_inbox_entry(entry) == (cursor, record.msg_id, record.conv, record.priority)
+    entry = _codec.pack_inbox_entry(cursor, record.msg_id)
+    assert len(entry) == INBOX_ENTRY_SIZE == 16
+    assert _codec.unpack_inbox_entry(entry) == (cursor, record.msg_id)
     key = struct.pack(">Q", record.msg_id)
     assert StoredMessage.from_ref((entry, (key, value))) == StoredMessage.from_record(cursor, record)
     assert MessageRecord.from_value(record.msg_id, value) == MessageRecord.from_record(record)
@@ -357,7 +357,7 @@ def test_set_refs_changes_only_the_count(record, refs):
 @given(st.lists(st.tuples(U64_EDGES, U64_EDGES), min_size=2, max_size=30, unique=True))
 def test_inbox_entries_sort_by_cursor(pairs):
     # LMDB sorts a user's duplicates by their bytes: that must be cursor order.
-    entries = [_codec.pack_inbox_entry(cursor, msg_id, 7, 0) for cursor, msg_id in pairs]
+    entries = [_codec.pack_inbox_entry(cursor, msg_id) for cursor, msg_id in pairs]
     assert [_codec.unpack_inbox_entry(e)[0] for e in sorted(entries)] == sorted(cursor for cursor, _ in pairs) or len({c for c, _ in pairs}) < len(pairs)
 
 

@@ -392,16 +392,13 @@ def test_check_verifies_every_fingerprint_against_the_message(store_path, damage
         rewrite_lmdb(store_path, b"dedup", _pair.pack(7, 1), lambda v: v[:8] + bytes(16) + v[24:])
     elif damage == "message body":  # the body is stored once: only the fingerprint can tell
         rewrite_lmdb(store_path, b"messages", key, lambda v: v[:-2] + b"HI")
-    else:  # conv changed consistently in the message and both inbox entries (and their history entries)
+    else:  # conv changed consistently in the message and both history entries
         rewrite_lmdb(store_path, b"messages", key, lambda v: v[:12] + struct.pack(">Q", 43) + v[20:])
         env = lmdb.open(f"{store_path}/state", max_dbs=8)
         try:
-            inbox, history = env.open_db(b"inbox", dupsort=True, dupfixed=True), env.open_db(b"history", dupsort=True, dupfixed=True)
+            history = env.open_db(b"history", dupsort=True, dupfixed=True)
             with env.begin(write=True) as txn:
                 for uid in (7, 9):
-                    entry = _codec.pack_inbox_entry(1, msg_id, 42, 0)
-                    assert txn.delete(struct.pack(">Q", uid), entry, db=inbox)
-                    txn.put(struct.pack(">Q", uid), _codec.pack_inbox_entry(1, msg_id, 43, 0), db=inbox)
                     assert txn.delete(_pair.pack(uid, 42), struct.pack(">Q", 1), db=history)
                     txn.put(_pair.pack(uid, 43), struct.pack(">Q", 1), db=history)
         finally:

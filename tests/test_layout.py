@@ -97,17 +97,14 @@ DAMAGES = {
     "body missing": (lambda txn, dbs, a, b: txn.delete(_u64.pack(b), db=dbs["messages"]), "not stored"),
     "history entry missing": (lambda txn, dbs, a, b: txn.delete(_pair.pack(9, 42), _u64.pack(1), db=dbs["history"]), "no history entry"),
     "history entry extra": (lambda txn, dbs, a, b: txn.put(_pair.pack(9, 44), _u64.pack(7), db=dbs["history"]), "history index holds"),
-    "entry conv differs": (
-        lambda txn, dbs, a, b: (
-            txn.delete(_u64.pack(7), _codec.pack_inbox_entry(2, b, 43, 0), db=dbs["inbox"]),
-            txn.put(_u64.pack(7), _codec.pack_inbox_entry(2, b, 44, 0), db=dbs["inbox"]),
-        ),
-        "says conv 44",
+    "history under another conv": (
+        lambda txn, dbs, a, b: (txn.delete(_pair.pack(7, 43), _u64.pack(2), db=dbs["history"]), txn.put(_pair.pack(7, 44), _u64.pack(2), db=dbs["history"])),
+        "no history entry (conv 43)",
     ),
     "cursor gap": (
         lambda txn, dbs, a, b: (
-            txn.delete(_u64.pack(7), _codec.pack_inbox_entry(2, b, 43, 0), db=dbs["inbox"]),
-            txn.put(_u64.pack(7), _codec.pack_inbox_entry(3, b, 43, 0), db=dbs["inbox"]),
+            txn.delete(_u64.pack(7), _codec.pack_inbox_entry(2, b), db=dbs["inbox"]),
+            txn.put(_u64.pack(7), _codec.pack_inbox_entry(3, b), db=dbs["inbox"]),
         ),
         "cursor 3 follows 1",
     ),
