@@ -649,9 +649,9 @@ def check_crc_valid_record(templates, tmp_path, data, record, rtype) -> str:
     offset = frames[-1].end
     segments[name] = segments[name][:offset] + _codec.encode_frame(lsn, rtype, body, lsn - 1)
     path = fresh_store(tmp_path, (templates.applied if applied else templates.empty), segments)
-    # The replay rule, restated: a record of a known type whose cursors densely continue
-    # its recipients' heads is applied; anything else is refused at its frame.
-    continues = rtype == _codec.RECORD_DELIVER
+    # The replay rule, restated: a record of a known type with at least one recipient, whose
+    # cursors densely continue its recipients' heads, is applied; anything else is refused at its frame.
+    continues = rtype == _codec.RECORD_DELIVER and bool(record.pairs)
     for uid, cursor in record.pairs if continues else ():
         continues = continues and cursor == heads.get(uid, 0) + 1
         heads[uid] = cursor

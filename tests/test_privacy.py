@@ -125,11 +125,16 @@ def test_legacy_store_files_readable_by_others_are_named(tmp_path, caplog):
     with tarfile.open(LEGACY) as tar:
         tar.extractall(tmp_path, filter="data")
     path = str(tmp_path / "legacy-closed")
+    (segment,) = (os.path.join(path, "wal", name) for name in os.listdir(os.path.join(path, "wal")))
+    os.chmod(segment, 0o644)
     os.chmod(os.path.join(path, "state", "data.mdb"), 0o644)
     with caplog.at_level(logging.WARNING, logger="syncstore"):
         syncstore.open(path, segment_bytes=65536).close()
     (text,) = [r.getMessage() for r in caplog.records if "other users" in r.getMessage()]
-    assert os.path.join(path, "state", "data.mdb") in text
+    assert segment in text
+    # The migration to state format 3 rebuilt the state: its files are private now, whatever the old ones were.
+    assert os.path.join(path, "state", "data.mdb") not in text
+    assert stat.S_IMODE(os.stat(os.path.join(path, "state", "data.mdb")).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.join(path, MARKER)).st_mode) == 0o600  # what migration adds is private
 
 

@@ -217,7 +217,7 @@ def test_garbage_lmdb_state_is_refused_without_change(unapplied):
 def test_max_map_size_below_the_stored_data_is_refused_without_change(tmp_path):
     path = str(tmp_path / "s")
     with syncstore.open(path, map_size=1 << 20) as store:
-        store.deliver_many([(Message(1, 1, i, b"x" * 2000), [1, 2, 3]) for i in range(1, 400)])
+        store.deliver_many([(Message(1, 1, i, b"x" * 4000), [1, 2, 3]) for i in range(1, 800)])  # bodies are stored once
     used = os.path.getsize(os.path.join(path, "state", "data.mdb"))
     assert used > 2 << 20
     error = refused(path, InvalidArgument, map_size=1 << 20, max_map_size=2 << 20)
