@@ -218,7 +218,8 @@ def _pairs_struct(count: int) -> struct.Struct:
     return struct.Struct(f">{2 * count}Q")
 
 
-def _pack_pairs(pairs: Pairs) -> bytes:
+def pack_pairs(pairs: Pairs) -> bytes:
+    """(user id, cursor) pairs as in DELIVER and dedup values: 16 bytes each."""
     if len(pairs) == 1:
         return _pair.pack(*pairs[0])
     return _pairs_struct(len(pairs)).pack(*[n for pair in pairs for n in pair])
@@ -272,12 +273,14 @@ def encode_frame(lsn: int, rtype: int, body: bytes, synced: int = 0) -> bytes:
     return length + _crc.pack(crc32c(payload, crc32c(length))) + payload
 
 
-def decode_frame(data: bytes | memoryview, offset: int) -> Frame | None:
+def decode_frame(data: bytes | memoryview, offset: int, check_crc: bool = True) -> Frame | None:
     """Decode the frame starting at ``offset``, or return None if it is not a valid frame.
 
     "Not valid" covers a short read, a zero length (preallocated space), an
     impossible length and a CRC mismatch; deciding whether that is a torn tail
     or corruption is the caller's job, because it depends on what follows.
+    ``check_crc=False`` skips the CRC, for a second pass over frames that
+    recovery has just verified (replay on open).
     """
     if len(data) - offset < FRAME_PREFIX_SIZE:
         return None
@@ -287,7 +290,7 @@ def decode_frame(data: bytes | memoryview, offset: int) -> Frame | None:
     if length < FRAME_LEAD_SIZE or length > MAX_PAYLOAD or end > len(data):
         return None
     payload = data[start:end]
-    if crc32c(payload, crc32c(data[offset : offset + 4])) != stored:
+    if check_crc and crc32c(payload, crc32c(data[offset : offset + 4])) != stored:
         return None
     lsn, rtype, synced = _frame_lead.unpack_from(payload, 0)
     return Frame(offset, end, lsn, rtype, bytes(payload[FRAME_LEAD_SIZE:]), synced)
@@ -305,7 +308,7 @@ def encode_deliver(record: Deliver) -> bytes:
             ),
             _deliver_counts.pack(len(record.body), len(record.pairs)),
             record.body,
-            _pack_pairs(record.pairs),
+            pack_pairs(record.pairs),
         )
     )
 
@@ -328,7 +331,7 @@ def encode_deliver_unsealed(lsn: int, record: Deliver) -> bytes:
             ),
             _deliver_counts.pack(len(record.body), len(record.pairs)),
             record.body,
-            _pack_pairs(record.pairs),
+            pack_pairs(record.pairs),
         )
     )
     return _frame_prefix.pack(len(payload), 0) + payload
@@ -381,6 +384,10 @@ def encode_message_value(record: Deliver) -> bytes:
     )
 
 
+#: ``pack_stored_head(refs, sender, conv, client_seq, ts_ms, priority)``: a message value's head (the body follows).
+pack_stored_head = _stored_head.pack
+#: ``pack_dedup_head(msg_id, fingerprint, count)``: a dedup value's head (``pack_pairs(pairs)`` follows).
+pack_dedup_head = _dedup_head.pack
 #: Decode the fixed head of a message value: ``unpack_stored_head(value)`` ->
 #: (refs, sender, conv, client_seq, ts_ms, priority); the body is
 #: ``value[STORED_HEAD_SIZE:]``.  Exposed bare because reads call it per message.
@@ -402,7 +409,12 @@ def dedup_fingerprint(conv: int, body: bytes) -> bytes:
     conv is fixed-width, so ``conv | body`` is unambiguous.  ``ts_ms`` and
     ``priority`` are left out on purpose: a retry may carry a new timestamp.
     """
-    digest = hashlib.blake2b(_u64.pack(conv), digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)
+    return fingerprint_of(_u64.pack(conv), body)
+
+
+def fingerprint_of(conv_key: bytes, body: bytes) -> bytes:
+    """:func:`dedup_fingerprint` with conv already packed (u64, big-endian): the apply loop has it."""
+    digest = hashlib.blake2b(conv_key, digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)
     digest.update(body)
     return digest.digest()
 
@@ -412,7 +424,7 @@ def encode_dedup(msg_id: int, fingerprint: bytes, pairs: Pairs) -> bytes:
     # A guard against a caller's slip, not user input: "16s" would silently pad or cut.
     if len(fingerprint) != FINGERPRINT_SIZE:
         raise ValueError(f"a dedup fingerprint is {FINGERPRINT_SIZE} bytes, got {len(fingerprint)}")
-    return _dedup_head.pack(msg_id, fingerprint, len(pairs)) + _pack_pairs(pairs)
+    return _dedup_head.pack(msg_id, fingerprint, len(pairs)) + pack_pairs(pairs)
 
 
 def decode_dedup(value: bytes | memoryview) -> DedupEntry:

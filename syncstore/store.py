@@ -27,7 +27,7 @@ from ._codec import RECORD_DELIVER, Deliver
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA, MessageIds
 from ._layout import DEFAULT_FILE_MODE, Found, Marker
-from ._writer import Writer
+from ._writer import Writer, _gc_paused
 from .errors import (
     CorruptionError,
     InvalidArgument,
@@ -427,7 +427,8 @@ class Store:
                 existing=probe is not None,  # an initialised state needs its log: missing evidence is corruption
                 file_mode=file_mode,
             )
-            replay = self._check_replay(probe, applied)
+            with _gc_paused:  # replay builds many long-lived records: keep the collector out
+                replay = self._check_replay(probe, applied)
         finally:
             if probe is not None:
                 probe.close()
@@ -463,7 +464,8 @@ class Store:
         # Recovered frames may never have been fsynced ("none" mode before a crash):
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
-        self._replay(applied, replay)
+        with _gc_paused:
+            self._replay(applied, replay)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
         ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
@@ -569,7 +571,7 @@ class Store:
         heads: dict[int, int] = {}  # users' heads as of the records checked so far
         txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
         try:
-            for frame in wal.frames(applied):
+            for frame in wal.frames(applied, check_crc=False):  # recover() has just verified every CRC
                 record = _decode_record(frame, wal)
                 if not record.pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
                     raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
@@ -601,7 +603,7 @@ class Store:
         """
         assert self._wal is not None and self._state is not None
         wal, state = self._wal, self._state
-        rest = (_decode_record(frame, wal) for frame in wal.frames(applied + len(records)))
+        rest = (_decode_record(frame, wal) for frame in wal.frames(applied + len(records), check_crc=False))
         source = itertools.chain(records, rest)
         batch: list[Deliver] = []
         last = applied

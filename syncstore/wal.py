@@ -535,8 +535,12 @@ class WriteAheadLog:
 
     # --- reading ------------------------------------------------------------------
 
-    def frames(self, after_lsn: int) -> Iterator[Frame]:
-        """Yield every retained frame with LSN > ``after_lsn``, in order, with CRCs checked."""
+    def frames(self, after_lsn: int, check_crc: bool = True) -> Iterator[Frame]:
+        """Yield every retained frame with LSN > ``after_lsn``, in order, with CRCs checked.
+
+        ``check_crc=False`` skips the CRCs: only for the frames :meth:`recover`
+        verified in this same open, with the store locked (replay).
+        """
         for segment in list(self._segments):
             if segment.last_lsn <= after_lsn:
                 continue
@@ -544,7 +548,7 @@ class WriteAheadLog:
             offset = SEGMENT_HEADER_SIZE
             expected = segment.first_lsn
             while expected <= segment.last_lsn:
-                frame = _codec.decode_frame(data, offset)
+                frame = _codec.decode_frame(data, offset, check_crc)
                 if frame is None or frame.lsn != expected:
                     raise CorruptionError(f"WAL frame {expected} unreadable", path=segment.path, offset=offset)
                 if frame.lsn > after_lsn:

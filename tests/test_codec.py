@@ -425,3 +425,23 @@ def test_random_bytes_are_not_a_segment_header(data):
     assume(not data.startswith(SEGMENT_MAGIC))
     with pytest.raises(CorruptionError):
         decode_segment_header(data)
+
+
+@given(st.lists(delivers(), min_size=1, max_size=5))
+def test_the_apply_loop_encodes_as_the_codec_does(records):
+    # state._encode_batch writes the formats out inline for speed; it must agree with the encoders here.
+    from syncstore.state import _encode_batch
+
+    (messages, inbox, history, dedup, expiry), last_id = _encode_batch(records)
+    assert last_id == max(r.msg_id for r in records)
+    for record in records:
+        assert (struct.pack(">Q", record.msg_id), _codec.encode_message_value(record)) in messages
+        fingerprint = _codec.dedup_fingerprint(record.conv, record.body)
+        assert (struct.pack(">QQ", record.sender, record.client_seq), encode_dedup(record.msg_id, fingerprint, record.pairs)) in dedup
+        for uid, cursor in record.pairs:
+            assert (struct.pack(">Q", uid), _codec.pack_inbox_entry(cursor, record.msg_id)) in inbox
+            assert (struct.pack(">QQ", uid, record.conv), struct.pack(">Q", cursor)) in history
+    assert len(inbox) == len(history) == sum(len(r.pairs) for r in records)
+    assert len(messages) == len(expiry) == len(records)
+    for items in (messages, inbox, history, dedup, expiry):
+        assert [key for key, _ in items] == sorted(key for key, _ in items)
