@@ -26,7 +26,10 @@ messaging server and checks the store got every bit of it right:
    other content are refused, clients holding a cursor from the future get a
    reset page and resync, and after the store's epoch is renewed (as a restore
    does) clients of the old epoch do the same.  Then a clean reopen and
-   ``store.check()``.
+   ``store.check()``, which must count each message stored once.
+8. *Reads beyond catch-up* (:mod:`syncstore._demo_reads`): sampled clients
+   scroll back through conversations with ``history`` and fetch quoted
+   messages with ``get``; both must match what the clients received.
 
 The function returns a frozen :class:`DemoResult`; :func:`format_report`
 renders it.  Progress is reported through a callback so the caller decides
@@ -45,8 +48,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import _demo_safety, _layout
+from . import _demo_reads, _demo_safety, _layout
 from . import store as _store
+from ._demo_reads import ReadsResult
 from ._demo_safety import SafetyResult
 from .errors import CorruptionError, InvalidArgument
 from .model import Delivery, Message
@@ -126,6 +130,7 @@ class DemoResult:
     check: Mapping[str, int]
     clients_verified: int
     safety: SafetyResult
+    reads: ReadsResult
     failures: tuple[str, ...]
     failure_count: int
     total_seconds: float
@@ -465,6 +470,8 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             sample = rng.sample(run.plan.sends, min(SAFETY_SAMPLE, len(run.plan.sends)))
             refused = _demo_safety.reused_keys(store, [(s.message, s.to) for s in sample], run.deliveries, run.fail)
             ahead = _demo_safety.clients_ahead(store, received, rng, SAFETY_SAMPLE, run.fail)
+            run.progress("history", 0, 1, "")
+            reads = _demo_reads.scroll_back_and_quote(store, received, rng, SAFETY_SAMPLE, run.fail)
             old_epoch = store.epoch
         finally:
             store.close()
@@ -479,6 +486,8 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
                 check = {}
         if check and check.get("inbox_entries") != sum(len(s.to) for s in run.plan.sends):
             run.fail(f"store.check() counts {check.get('inbox_entries')} inbox entries, expected {sum(len(s.to) for s in run.plan.sends)}")
+        if check and check.get("messages") != len(run.plan.sends):
+            run.fail(f"store.check() counts {check.get('messages')} stored messages, expected one per delivery: {len(run.plan.sends)}")
         if check and check.get("dedup_entries") != len(run.plan.sends):
             run.fail(f"store.check() counts {check.get('dedup_entries')} dedup entries, expected {len(run.plan.sends)}")
     finally:
@@ -508,6 +517,7 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
         check=MappingProxyType(dict(check)),
         clients_verified=clients,
         safety=safety,
+        reads=reads,
         failures=tuple(run.failures),
         failure_count=run.failure_count,
         total_seconds=time.perf_counter() - began,
@@ -536,10 +546,15 @@ def format_report(result: DemoResult) -> str:
         f"  safety         {s.reused_keys_refused} reused keys with other content refused (IdempotencyConflict);"
         f" {s.ahead_resets} clients ahead of the store and {s.epoch_resets} of an old epoch reset and resynced"
     )
+    r = result.reads
+    lines.append(
+        f"  history        {r.conversations} conversations scrolled back to their start ({r.history_pages} pages,"
+        f" {r.history_messages:,} messages); {r.quotes} quoted messages fetched with get(msg_id)"
+    )
     if result.check:
         lines.append(
-            f"  store.check()  {result.check['users']:,} users, {result.check['inbox_entries']:,} inbox entries,"
-            f" {result.check['dedup_entries']:,} dedup entries"
+            f"  store.check()  {result.check['users']:,} users, {result.check['inbox_entries']:,} inbox entries referencing"
+            f" {result.check['messages']:,} messages stored once, {result.check['dedup_entries']:,} dedup entries"
         )
     if result.ok:
         lines.append(
