@@ -309,10 +309,6 @@ def dedup_value(m: Msg) -> bytes:
     return DEDUP_HEAD.pack(m.msg_id, fingerprint(m.conv, m.body), len(m.pairs)) + struct.pack(f">{len(flat)}Q", *flat)
 
 
-def _first_dup_at(cursor: lmdb.Cursor, key: bytes, value: bytes) -> bool:
-    return cursor.set_key(key) and cursor.set_range_dup(key, value)
-
-
 class Layout:
     """A key layout in one LMDB environment: its dbs, how a batch is encoded, and its reads.
 
@@ -349,7 +345,7 @@ class Layout:
         with self.env.begin(write=True) as txn:
             for db, items, append in self.encode(txn, batch) + self.encode_common(batch):
                 if items:
-                    consumed, added = txn.cursor(db=db).putmulti(items, dupdata=True, append=append)
+                    _consumed, added = txn.cursor(db=db).putmulti(items, dupdata=True, append=append)
                     if added != len(items):
                         raise RuntimeError(f"{self.name}: putmulti wrote {added} of {len(items)} items (append={append})")
 
@@ -494,7 +490,7 @@ class RefDupfixedLayout(Layout):
         cursors = list(islice(hist.iterprev_dup(keys=False, values=True), limit))
         inbox, ukey, entries = txn.cursor(db=self.dbs["inbox"]), U64.pack(user), []
         for c in cursors:
-            if not _first_dup_at(inbox, ukey, c):
+            if not inbox.set_range_dup(ukey, c):  # MDB_GET_BOTH_RANGE: looks the key up too
                 raise RuntimeError(f"{self.name}: history cursor {U64.unpack(c)[0]} of user {user} not in the inbox")
             entries.append(inbox.value())
         found = self._messages(txn, msg_id_keys(DUP_ENTRY, 8, entries))
@@ -707,6 +703,11 @@ class Result:
         return self.size / self.entries
 
     @property
+    def live_per_entry(self) -> float:
+        """Bytes per recipient-entry of the dbs' own pages (the total less meta and free pages)."""
+        return (self.size - self.db_bytes.get("other", 0)) / self.entries
+
+    @property
     def overhead_per_entry(self) -> float:
         """(store size - body bytes) per recipient-entry: issue #8's "body + 64 B per recipient" target."""
         return (self.size - self.body_bytes) / self.entries
@@ -729,6 +730,7 @@ class Result:
             size_per_entry=self.size_per_entry,
             size_per_msg=self.size / self.messages,
             size_x_body=self.size / self.body_bytes,
+            live_per_entry=self.live_per_entry,
             overhead_per_entry=self.overhead_per_entry,
             wchar_per_msg=self.written_per_msg,
             write_bytes_per_msg=self.write_bytes / self.messages,
@@ -828,13 +830,13 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def markdown_table(results: Sequence[Result]) -> str:
     """The main table: one row per layout x workload."""
     head = (
-        "| workload | layout | size B/entry | overhead B/entry | size ×body | written B/msg (wchar) | write_bytes B/msg "
+        "| workload | layout | size B/entry | live B/entry | overhead B/entry | size ×body | written B/msg (wchar) | write_bytes B/msg "
         "| written ×body | apply msg/s | sync calls/s | sync decoded calls/s | history calls/s |"
     )
-    lines = [head, "|" + "---|" * 2 + "---:|" * 10]
+    lines = [head, "|" + "---|" * 2 + "---:|" * 11]
     for r in results:
         lines.append(
-            f"| {r.workload} | {r.layout} | {_fmt(r.size_per_entry)} | {_fmt(r.overhead_per_entry)} | {_fmt(r.size / r.body_bytes, 2)} "
+            f"| {r.workload} | {r.layout} | {_fmt(r.size_per_entry)} | {_fmt(r.live_per_entry)} | {_fmt(r.overhead_per_entry)} | {_fmt(r.size / r.body_bytes, 2)} "
             f"| {_fmt(r.written_per_msg)} | {_fmt(r.write_bytes / r.messages)} | {_fmt(r.written_x_body, 1)} | {_fmt(r.apply_msg_s)} "
             f"| {_fmt(r.sync_calls_s)} | {_fmt(r.sync_decoded_calls_s)} | {_fmt(r.history_calls_s)} |"
         )
@@ -868,6 +870,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--fanouts", default=",".join(map(str, DEFAULT_FANOUTS)), help="comma-separated fan-outs")
     parser.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help="comma-separated: copy, ref-dupfixed, ref-plain")
     parser.add_argument("--hybrid", type=int, action="append", help=f"hybrid threshold T (repeatable; default {DEFAULT_HYBRIDS})")
+    parser.add_argument("--entries", type=int, help=f"recipient-entries per workload (default {ENTRIES:,} x scale)")
+    parser.add_argument("--population", type=int, help=f"users (default {POPULATION:,} x scale)")
     parser.add_argument("--batch", type=int, default=BATCH, help="messages per write transaction")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds per read measure (best is kept)")
     parser.add_argument("--seed", type=int, default=SEED)
@@ -876,8 +880,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     args = parser.parse_args(argv)
     hybrids = DEFAULT_HYBRIDS if args.hybrid is None else tuple(args.hybrid)
     layouts = tuple(x for x in args.layouts.split(",") if x) + tuple(f"hybrid-{t}" for t in hybrids)
+    sizes = {k: v for k, v in (("entries", args.entries), ("population", args.population)) if v is not None}
     cfg = Config.scaled(
         args.scale,
+        **sizes,
         fanouts=tuple(int(x) for x in args.fanouts.split(",")),
         layouts=layouts,
         batch=args.batch,
