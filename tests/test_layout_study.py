@@ -24,7 +24,9 @@ study = importlib.util.module_from_spec(_spec)
 sys.modules["layout_study_tool"] = study  # dataclasses look their module up there
 _spec.loader.exec_module(study)
 
-LAYOUTS = ("copy", "ref-dupfixed", "ref-plain", "hybrid-2", "hybrid-5")
+LAYOUTS = ("dedup-only", "copy", "ref-dupfixed", "ref-plain", "hybrid-2", "hybrid-5")
+READERS = LAYOUTS[1:]  # the layouts with an inbox
+REFS = LAYOUTS[2:]  # ... and a messages db and a history index
 FANOUTS = (1, 2, 5, 30)
 
 
@@ -94,6 +96,9 @@ def outcome(tmp_path_factory):
     def inspect(layout, wl) -> None:
         workloads[wl.name] = wl
         got: dict[str, list] = {"sync": [], "raw": [], "history": [], "get": []}
+        if not layout.has_sync:
+            answers[(wl.name, layout.name)] = got
+            return
         with layout.env.begin() as txn:
             for user, since, limit in sync_cases(wl):
                 got["sync"].append(layout.sync_decoded(txn, user, since, limit))
@@ -127,14 +132,14 @@ def test_sync_pages_equal_the_copy_layout_and_the_model(outcome):
             expected.append((len(rows), rows[since : since + limit]))
         assert any(rows for _, rows in expected), "the cases must return messages"
         assert answers[(wname, "copy")]["sync"] == expected, wname
-        for name in LAYOUTS:
+        for name in READERS:
             assert answers[(wname, name)]["sync"] == answers[(wname, "copy")]["sync"], (wname, name)
 
 
 def test_raw_sync_reads_the_same_entries_and_bodies(outcome):
     _, _, _, answers, workloads = outcome
     for wname, wl in workloads.items():
-        for name in LAYOUTS:
+        for name in READERS:
             for (head, raw), (dhead, rows) in zip(answers[(wname, name)]["raw"], answers[(wname, name)]["sync"]):
                 assert head == dhead
                 if name == "copy":
@@ -161,17 +166,17 @@ def test_history_is_newest_first_below_before_and_equal_across_layouts(outcome):
             expected.append(rows[::-1][:limit])
         assert any(expected)
         for name in LAYOUTS:
-            if name == "copy":
-                assert answers[(wname, name)]["history"] == []  # format 2 has no history index
-            else:
+            if name in REFS:
                 assert answers[(wname, name)]["history"] == expected, (wname, name)
+            else:
+                assert answers[(wname, name)]["history"] == []  # no history index
 
 
 def test_get_returns_the_message_or_none(outcome):
     _, _, _, answers, workloads = outcome
     for wname, wl in workloads.items():
         _, by_id = model(wl)
-        for name in LAYOUTS[1:]:
+        for name in REFS:
             got = answers[(wname, name)]["get"]
             assert got[-1][1] is None
             assert [row for _, row in got[:-1]] == [by_id[msg_id] for msg_id, _ in got[:-1]], (wname, name)
@@ -181,18 +186,25 @@ def test_results_are_sane(outcome):
     _, workload_counts, results, _, _ = outcome
     for w in workload_counts:
         assert w["entries"] == w["messages"] * w["fanout"] <= 1_200
+    by = {(r.fanout, r.layout): r for r in results}
     for r in results:
-        assert r.size >= r.body_bytes + 16 * r.entries, r  # every body and at least a key per entry
-        assert r.wchar >= r.size / 2 and r.wchar >= r.body_bytes, r  # what is stored was written
+        assert r.wchar >= r.size / 2, r  # what is stored was written
         assert r.db_bytes["total"] == r.size and r.db_bytes["other"] >= 0
+        assert r.db_bytes["dedup entries"] == r.db_bytes["dedup_expiry entries"] == r.messages
+        assert r.apply_msg_s > 0 and math.isfinite(r.apply_msg_s)
+        if r.layout == "dedup-only":  # the shared part: smaller than any layout, no reads
+            assert r.sync_calls_s is r.sync_decoded_calls_s is r.history_calls_s is None
+            assert all(r.size < by[(r.fanout, name)].size for name in READERS)
+            continue
+        assert r.size >= r.body_bytes + 16 * r.entries, r  # every body and at least a key per entry
+        assert r.wchar >= r.body_bytes, r
         assert r.db_bytes["inbox entries"] == r.entries
-        if r.layout != "copy":
+        if r.layout in REFS:
             assert r.db_bytes["messages entries"] == r.messages
             assert r.db_bytes["history entries"] == r.entries
-        for rate in (r.apply_msg_s, r.sync_calls_s, r.sync_decoded_calls_s):
+        for rate in (r.sync_calls_s, r.sync_decoded_calls_s):
             assert rate > 0 and math.isfinite(rate)
         assert (r.history_calls_s is None) == (r.layout == "copy")
-    by = {(r.fanout, r.layout): r for r in results}
     for name in ("ref-dupfixed", "ref-plain"):  # a body once instead of 30 times
         assert by[(30, name)].size < by[(30, "copy")].size / 4
     assert by[(2, "hybrid-2")].db_bytes["messages"] < by[(2, "ref-plain")].db_bytes["messages"]  # locators, not bodies
@@ -225,7 +237,7 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| fan-out 2 (1:1) | ref-dupfixed |" in out and "| fan-out 10 | hybrid-2 |" in out
     data = json.loads(path.read_text())
-    assert len(data["results"]) == 2 * 4
-    assert {r["layout"] for r in data["results"]} == {"copy", "ref-dupfixed", "ref-plain", "hybrid-2"}
+    assert len(data["results"]) == 2 * 5
+    assert {r["layout"] for r in data["results"]} == {"dedup-only", "copy", "ref-dupfixed", "ref-plain", "hybrid-2"}
     assert all(r["size_per_entry"] > 0 for r in data["results"])
     assert os.listdir(tmp_path) == ["study.json"]  # the stores are removed

@@ -27,7 +27,8 @@ py-lmdb -- not syncstore's store -- so that only the key layout differs:
 
 Every layout also writes ``dedup`` (sender|client_seq -> msg_id | fingerprint |
 R | R x (user, cursor)), ``dedup_expiry`` and ``meta`` exactly as format 2/3 do,
-so totals are realistic while the layouts differ only in their inbox/body part.
+so totals are realistic while the layouts differ only in their inbox/body part;
+``dedup-only`` writes just those shared dbs: the baseline the others add to.
 
 Writing mimics syncstore's applier: batches of ``--batch`` (4,096) messages per
 write transaction, every db's items encoded first (inside the timed section),
@@ -131,7 +132,7 @@ def msg_id_ms(msg_id: int) -> int:
 # --- defaults ---------------------------------------------------------------------------------
 
 DEFAULT_FANOUTS = (1, 2, 10, 100, 1000)
-DEFAULT_LAYOUTS = ("copy", "ref-dupfixed", "ref-plain")
+DEFAULT_LAYOUTS = ("dedup-only", "copy", "ref-dupfixed", "ref-plain")
 DEFAULT_HYBRIDS = (2,)
 ENTRIES = 100_000  # recipient-entries per workload at scale 1
 POPULATION = 5_000  # users
@@ -319,6 +320,7 @@ class Layout:
 
     name = ""
     specs: dict[str, dict[str, bool]] = {}
+    has_sync = True
     has_history = False
     common_specs = {"dedup": {}, "dedup_expiry": {}, "meta": {}}
 
@@ -406,6 +408,16 @@ def _ids_struct(entry: struct.Struct, offset: int, count: int) -> struct.Struct:
 def msg_id_keys(entry: struct.Struct, offset: int, entries: list[bytes]) -> tuple[bytes, ...]:
     """The msg_id keys of fixed-size inbox ``entries`` (no per-entry Python loop: ~4x faster than slicing)."""
     return _ids_struct(entry, offset, len(entries)).unpack(b"".join(entries))
+
+
+class DedupOnlyLayout(Layout):
+    """Only the dbs every layout shares (dedup, dedup_expiry, meta): the baseline the others add to."""
+
+    name = "dedup-only"
+    has_sync = False
+
+    def encode(self, txn: lmdb.Transaction, batch: Sequence[Msg]) -> list[Put]:
+        return []
 
 
 def _message_row(cursor: int, msg_id: int, value: bytes) -> Row:
@@ -605,12 +617,12 @@ class HybridLayout(RefPlainLayout):
 
 def make_layout(name: str, env: lmdb.Environment) -> Layout:
     """The layout called ``name`` (copy, ref-dupfixed, ref-plain, hybrid-T) in ``env``."""
-    fixed: dict[str, Callable[[lmdb.Environment], Layout]] = {"copy": CopyLayout, "ref-dupfixed": RefDupfixedLayout, "ref-plain": RefPlainLayout}
+    fixed: dict[str, Callable[[lmdb.Environment], Layout]] = {"dedup-only": DedupOnlyLayout, "copy": CopyLayout, "ref-dupfixed": RefDupfixedLayout, "ref-plain": RefPlainLayout}
     if name in fixed:
         return fixed[name](env)
     if name.startswith("hybrid-") and name[7:].isdigit():
         return HybridLayout(env, int(name[7:]))
-    raise ValueError(f"unknown layout {name!r}: copy, ref-dupfixed, ref-plain or hybrid-T")
+    raise ValueError(f"unknown layout {name!r}: dedup-only, copy, ref-dupfixed, ref-plain or hybrid-T")
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -693,8 +705,8 @@ class Result:
     wchar: int
     write_bytes: int
     apply_s: float
-    sync_calls_s: float
-    sync_decoded_calls_s: float
+    sync_calls_s: float | None
+    sync_decoded_calls_s: float | None
     history_calls_s: float | None
     db_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -781,8 +793,10 @@ def measure(layout_name: str, wl: Workload, cfg: Config, base_dir: str, inspect:
         sizes = store_sizes(layout)
         syncs = sync_queries(wl, cfg.sync_calls, SYNC_LIMIT, cfg.seed)
         sync_args = [(u, s, SYNC_LIMIT) for u, s in syncs]
-        raw = calls_per_second(env, layout.sync_raw, sync_args, cfg.rounds)
-        decoded = calls_per_second(env, layout.sync_decoded, sync_args, cfg.rounds)
+        raw = decoded = None
+        if layout.has_sync:
+            raw = calls_per_second(env, layout.sync_raw, sync_args, cfg.rounds)
+            decoded = calls_per_second(env, layout.sync_decoded, sync_args, cfg.rounds)
         history = None
         if layout.has_history:
             hist_args = [(u, c, b, HISTORY_LIMIT) for u, c, b in history_queries(wl, cfg.history_calls, HISTORY_LIMIT, cfg.seed)]
@@ -868,7 +882,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description="Measure issue #8's candidate LMDB layouts on raw py-lmdb.")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply entries, population and call counts (default 1)")
     parser.add_argument("--fanouts", default=",".join(map(str, DEFAULT_FANOUTS)), help="comma-separated fan-outs")
-    parser.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help="comma-separated: copy, ref-dupfixed, ref-plain")
+    parser.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help="comma-separated: dedup-only, copy, ref-dupfixed, ref-plain")
     parser.add_argument("--hybrid", type=int, action="append", help=f"hybrid threshold T (repeatable; default {DEFAULT_HYBRIDS})")
     parser.add_argument("--entries", type=int, help=f"recipient-entries per workload (default {ENTRIES:,} x scale)")
     parser.add_argument("--population", type=int, help=f"users (default {POPULATION:,} x scale)")
