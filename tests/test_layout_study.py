@@ -24,7 +24,7 @@ study = importlib.util.module_from_spec(_spec)
 sys.modules["layout_study_tool"] = study  # dataclasses look their module up there
 _spec.loader.exec_module(study)
 
-LAYOUTS = ("dedup-only", "copy", "ref-dupfixed", "ref-plain", "hybrid-2", "hybrid-5")
+LAYOUTS = ("dedup-only", "copy", "ref-dupfixed", "ref-dupfixed-16", "ref-plain", "hybrid-2", "hybrid-5")
 READERS = LAYOUTS[1:]  # the layouts with an inbox
 REFS = LAYOUTS[2:]  # ... and a messages db and a history index
 FANOUTS = (1, 2, 5, 30)

@@ -18,6 +18,7 @@ py-lmdb -- not syncstore's store -- so that only the key layout differs:
   body once in ``messages`` msg_id -> refs | head | body; ``inbox`` DUPSORT|DUPFIXED
   user -> cursor|msg_id|conv|priority (25 B); ``history`` DUPSORT|DUPFIXED
   user|conv -> cursor; no heads db (head = last dup).
+- ``ref-dupfixed-16`` (opt-in): the same with 16-byte inbox dups cursor|msg_id.
 - ``ref-plain``: ``messages`` as in format 3; ``inbox`` plain user|cursor ->
   msg_id|conv|priority (17 B); ``history`` plain user|conv|cursor -> empty; ``heads``.
 - ``hybrid-T``: ref-plain, but a message with fan-out <= T is stored inline in
@@ -95,6 +96,9 @@ COPY_SHARED = struct.Struct(">QQQQQB")  # the part after the cursor, same for ev
 MESSAGE_HEAD = struct.Struct(">IQQQQB")
 #: Format 3 inbox dup: cursor, msg_id, conv, priority.
 DUP_ENTRY = struct.Struct(">QQQB")
+#: ref-dupfixed-16 inbox dup: cursor, msg_id (conv and priority are in the message).
+DUP_ENTRY_16 = struct.Struct(">QQ")
+CURSOR_MSG_ID = DUP_ENTRY_16  # the first 16 bytes of either dup
 #: ref-plain / hybrid inbox value by reference: msg_id, conv, priority.
 REF_ENTRY = struct.Struct(">QQB")
 #: hybrid inbox value inline: msg_id, conv, priority, sender, client_seq, ts_ms; then the body.
@@ -456,13 +460,18 @@ class RefDupfixedLayout(Layout):
     name = "ref-dupfixed"
     specs = {"messages": {}, "inbox": {"dupsort": True, "dupfixed": True}, "history": {"dupsort": True, "dupfixed": True}}
     has_history = True
+    entry = DUP_ENTRY
+
+    def pack_entry(self, cursor: int, m: Msg) -> bytes:
+        """One inbox dup."""
+        return DUP_ENTRY.pack(cursor, m.msg_id, m.conv, m.priority)
 
     def encode(self, txn: lmdb.Transaction, batch: Sequence[Msg]) -> list[Put]:
         messages, inbox, history = [], [], []
         for m in batch:
             messages.append((U64.pack(m.msg_id), MESSAGE_HEAD.pack(len(m.pairs), m.sender, m.conv, m.client_seq, m.ts_ms, m.priority) + m.body))
             for user, cursor in m.pairs:
-                inbox.append((U64.pack(user), DUP_ENTRY.pack(cursor, m.msg_id, m.conv, m.priority)))
+                inbox.append((U64.pack(user), self.pack_entry(cursor, m)))
                 history.append((PAIR.pack(user, m.conv), U64.pack(cursor)))
         inbox.sort()
         history.sort()
@@ -482,12 +491,15 @@ class RefDupfixedLayout(Layout):
 
     def sync_raw(self, txn: lmdb.Transaction, user: int, since: int, limit: int) -> tuple[int, tuple[list[bytes], list[bytes]]]:
         head, entries = self._entries(txn, user, since, limit)
-        return head, (entries, self._messages(txn, msg_id_keys(DUP_ENTRY, 8, entries)))
+        return head, (entries, self._messages(txn, msg_id_keys(self.entry, 8, entries)))
 
     def sync_decoded(self, txn: lmdb.Transaction, user: int, since: int, limit: int) -> tuple[int, list[Row]]:
         head, entries = self._entries(txn, user, since, limit)
-        found = self._messages(txn, msg_id_keys(DUP_ENTRY, 8, entries))
-        return head, [_message_row(cursor, msg_id, v) for (cursor, msg_id, _, _), (_, v) in zip(map(DUP_ENTRY.unpack_from, entries), found)]
+        return head, self._rows(txn, entries)
+
+    def _rows(self, txn: lmdb.Transaction, entries: list[bytes]) -> list[Row]:
+        found = self._messages(txn, msg_id_keys(self.entry, 8, entries))
+        return [_message_row(cursor, msg_id, v) for (cursor, msg_id), (_, v) in zip(map(CURSOR_MSG_ID.unpack_from, entries), found)]
 
     def history(self, txn: lmdb.Transaction, user: int, conv: int, before: int, limit: int) -> list[Row]:
         hist = txn.cursor(db=self.dbs["history"])
@@ -505,12 +517,21 @@ class RefDupfixedLayout(Layout):
             if not inbox.set_range_dup(ukey, c):  # MDB_GET_BOTH_RANGE: looks the key up too
                 raise RuntimeError(f"{self.name}: history cursor {U64.unpack(c)[0]} of user {user} not in the inbox")
             entries.append(inbox.value())
-        found = self._messages(txn, msg_id_keys(DUP_ENTRY, 8, entries))
-        return [_message_row(cursor, msg_id, v) for (cursor, msg_id, _, _), (_, v) in zip(map(DUP_ENTRY.unpack_from, entries), found)]
+        return self._rows(txn, entries)
 
     def get(self, txn: lmdb.Transaction, msg_id: int) -> Row | None:
         value = txn.get(U64.pack(msg_id), db=self.dbs["messages"])
         return None if value is None else _message_row(0, msg_id, value)
+
+
+class RefDupfixed16Layout(RefDupfixedLayout):
+    """ref-dupfixed with 16-byte inbox dups (cursor | msg_id): sync and history read conv and priority from the message."""
+
+    name = "ref-dupfixed-16"
+    entry = DUP_ENTRY_16
+
+    def pack_entry(self, cursor: int, m: Msg) -> bytes:
+        return DUP_ENTRY_16.pack(cursor, m.msg_id)
 
 
 class RefPlainLayout(Layout):
@@ -617,12 +638,12 @@ class HybridLayout(RefPlainLayout):
 
 def make_layout(name: str, env: lmdb.Environment) -> Layout:
     """The layout called ``name`` (copy, ref-dupfixed, ref-plain, hybrid-T) in ``env``."""
-    fixed: dict[str, Callable[[lmdb.Environment], Layout]] = {"dedup-only": DedupOnlyLayout, "copy": CopyLayout, "ref-dupfixed": RefDupfixedLayout, "ref-plain": RefPlainLayout}
+    fixed: dict[str, Callable[[lmdb.Environment], Layout]] = {"dedup-only": DedupOnlyLayout, "copy": CopyLayout, "ref-dupfixed": RefDupfixedLayout, "ref-dupfixed-16": RefDupfixed16Layout, "ref-plain": RefPlainLayout}
     if name in fixed:
         return fixed[name](env)
     if name.startswith("hybrid-") and name[7:].isdigit():
         return HybridLayout(env, int(name[7:]))
-    raise ValueError(f"unknown layout {name!r}: dedup-only, copy, ref-dupfixed, ref-plain or hybrid-T")
+    raise ValueError(f"unknown layout {name!r}: dedup-only, copy, ref-dupfixed, ref-dupfixed-16, ref-plain or hybrid-T")
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -720,8 +741,10 @@ class Result:
         return (self.size - self.db_bytes.get("other", 0)) / self.entries
 
     @property
-    def overhead_per_entry(self) -> float:
+    def overhead_per_entry(self) -> float | None:
         """(store size - body bytes) per recipient-entry: issue #8's "body + 64 B per recipient" target."""
+        if self.layout == DedupOnlyLayout.name:  # stores no bodies
+            return None
         return (self.size - self.body_bytes) / self.entries
 
     @property
@@ -882,7 +905,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description="Measure issue #8's candidate LMDB layouts on raw py-lmdb.")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply entries, population and call counts (default 1)")
     parser.add_argument("--fanouts", default=",".join(map(str, DEFAULT_FANOUTS)), help="comma-separated fan-outs")
-    parser.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help="comma-separated: dedup-only, copy, ref-dupfixed, ref-plain")
+    parser.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help="comma-separated: dedup-only, copy, ref-dupfixed, ref-dupfixed-16 (opt-in), ref-plain")
     parser.add_argument("--hybrid", type=int, action="append", help=f"hybrid threshold T (repeatable; default {DEFAULT_HYBRIDS})")
     parser.add_argument("--entries", type=int, help=f"recipient-entries per workload (default {ENTRIES:,} x scale)")
     parser.add_argument("--population", type=int, help=f"users (default {POPULATION:,} x scale)")
