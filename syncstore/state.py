@@ -37,6 +37,7 @@ more WAL records.  WAL segments are retired only after ``env.sync(True)``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -82,6 +83,12 @@ _u64 = struct.Struct(">Q")
 _BATCH_DBS = ("messages", "inbox", "history", "dedup", "dedup_expiry")  # the order _encode_batch returns them in
 _DUPFIXED_NAMES = frozenset(name.decode() for name in _DUPFIXED)
 _MUST_ADD = frozenset({"messages", "inbox", "history"})  # an item that exists already is corruption
+
+
+@functools.lru_cache(maxsize=64)
+def _msg_id_keys(count: int) -> struct.Struct:
+    """Unpacks the msg_id keys of ``count`` joined inbox entries (cursor u64, msg_id u64): one C call for a page."""
+    return struct.Struct(">" + "8x8s" * count)
 
 
 class _Gate:
@@ -508,7 +515,7 @@ class State:
 
     def _with_messages(self, txn: lmdb.Transaction, entries: list[bytes], uid: int) -> list[InboxRef]:
         """Pair each inbox entry with its message; CorruptionError if one is missing."""
-        found = txn.cursor(db=self.messages).getmulti([entry[8:16] for entry in entries])
+        found = txn.cursor(db=self.messages).getmulti(_msg_id_keys(len(entries)).unpack(b"".join(entries)))
         if len(found) != len(entries):  # getmulti skips missing keys: find the dangling entry
             ids = {key for key, _value in found}
             for entry in entries:
