@@ -6,13 +6,16 @@ violation raises :class:`CorruptionError` naming the key that breaks it.
 
 Invariants:
 
-- every user's inbox cursors are dense, 1..head;
+- every user's inbox cursors are dense up to its head, from 1 or from where a
+  removed prefix ends (``State.remove_prefix``);
 - every inbox entry references a stored message, and has its history entry
   (user | conv of that message -> cursor); the history index holds nothing else;
 - every stored message's ``refs`` equals the number of inbox entries that
   reference it, and none is unreferenced (an orphan body: never freed);
-- every dedup entry names inbox entries holding its msg_id, its fingerprint
-  matches the stored message's conv and body, and it has an expiry entry;
+- every dedup entry names inbox entries holding its msg_id (or below the
+  user's first entry: removed, while the key stays recognised), its
+  fingerprint matches the stored message's conv and body, and it has an
+  expiry entry;
 - the applied LSN is not beyond the WAL's end.
 """
 
@@ -59,15 +62,19 @@ def _check_inboxes(state: State, txn: lmdb.Transaction) -> tuple[int, Counter[in
     refs: Counter[int] = Counter()
     history = txn.cursor(db=state.history)
     users = 0
-    uid, expected = -1, 0
+    uid, expected = -1, 0  # the user whose entries are being read, and its last cursor seen
+    first: int | None
     for key, entry in txn.cursor(db=state.inbox):
         user = _u64.unpack(key)[0]
         if user != uid:
-            uid, expected = user, 0
+            uid, first = user, None
             users += 1
         if len(entry) != _codec.INBOX_ENTRY_SIZE:
             raise CorruptionError(f"inbox entry of {len(entry)} bytes", path=path, key=uid)
         cursor, msg_id = unpack_inbox_entry(entry)
+        if first is None:  # the user's first entry: 1, or the first after a removed prefix
+            first = cursor
+            expected = max(cursor, 1) - 1
         if cursor != expected + 1:
             raise CorruptionError(f"user {uid}: cursor {cursor} follows {expected}", path=path, key=(uid, cursor))
         expected = cursor
@@ -112,11 +119,16 @@ def _check_dedup(state: State, txn: lmdb.Transaction) -> int:
             msg_id, fingerprint, pairs = _codec.decode_dedup(value)
         except CorruptionError as error:
             raise CorruptionError(error.message, path=path, key=where) from None
+        present = 0  # pairs whose inbox entry is still in LMDB (a removed prefix took the others)
         for uid, cursor in pairs:
-            if not inbox.set_range_dup(_u64.pack(uid), _u64.pack(cursor)) or unpack_inbox_entry(inbox.value()) != (cursor, msg_id):
+            user = _u64.pack(uid)
+            if not inbox.set_key(user) or cursor < _u64.unpack_from(inbox.value())[0]:
+                continue  # removed with its inbox's prefix: the dedup entry outlives it, by design
+            if not inbox.set_range_dup(user, _u64.pack(cursor)) or unpack_inbox_entry(inbox.value()) != (cursor, msg_id):
                 raise CorruptionError(f"dedup entry points at a missing inbox entry ({uid}, {cursor})", path=path, key=where)
+            present += 1
         stored = state.message(txn, msg_id)
-        if pairs and stored is None:
+        if present and stored is None:
             raise CorruptionError(f"dedup entry names message {msg_id}, which is not stored", path=path, key=where)
         if stored is not None:
             conv = unpack_stored_head(stored)[2]

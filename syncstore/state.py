@@ -55,7 +55,7 @@ from . import _statecheck
 from ._codec import DedupEntry, Deliver, pack_u64, unpack_u64
 from .model import InboxRef
 from ._layout import DEFAULT_FILE_MODE
-from .errors import CorruptionError, DurabilityError, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
+from .errors import CorruptionError, DurabilityError, InvalidArgument, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
 __all__ = ["State", "STATE_FORMAT", "state_dir"]
@@ -610,6 +610,51 @@ class State:
                 path=self.path,
                 hint="run store.check(); restore the store from a backup",
             )
+
+    def remove_prefix(self, uid: int, upto: int) -> int:
+        """Delete ``uid``'s inbox entries with cursor <= ``upto`` (and their history entries); return how many bodies were freed.
+
+        The building block of deletion (archiving moves a prefix of each
+        inbox out, oldest first): each removed entry decrements its message's
+        ``refs``, and the message value is deleted when that reaches zero --
+        never earlier, never later.  One transaction.  The user's newest
+        entry carries its head (there is no heads database), so ``upto`` must
+        be below the head: otherwise :class:`InvalidArgument` and nothing is
+        removed.  What remains is dense from ``upto + 1`` to the head
+        (``check()`` accepts an inbox whose first entries are gone).  The
+        caller must hold the writer's apply lock: nothing may be applied for
+        this user meanwhile.
+        """
+        user = pack_u64(uid)
+
+        def remove(txn: lmdb.Transaction) -> int:
+            inbox, history = txn.cursor(db=self.inbox), txn.cursor(db=self.history)
+            head = self.head(txn, uid)
+            if upto >= head:
+                raise InvalidArgument(f"user {uid}: cannot remove up to cursor {upto}, the head is {head}", key=(uid, upto), hint="keep each user's newest entry: it carries the head")
+            freed = 0
+            while inbox.set_key(user):
+                entry = inbox.value()
+                cursor, msg_id = _codec.unpack_inbox_entry(entry)
+                if cursor > upto:
+                    break
+                inbox.delete()
+                msg_key = entry[8:16]
+                value = txn.get(msg_key, db=self.messages)
+                if value is None:
+                    raise CorruptionError(f"inbox entry references message {msg_id}, which is not stored", path=self.path, key=(uid, cursor))
+                refs, _sender, conv = _codec.unpack_stored_head(value)[:3]
+                if not history.set_key_dup(_pair.pack(uid, conv), entry[:8]):
+                    raise CorruptionError(f"inbox entry has no history entry (conv {conv})", path=self.path, key=(uid, cursor))
+                history.delete()
+                if refs <= 1:
+                    txn.delete(msg_key, db=self.messages)
+                    freed += 1
+                else:
+                    txn.put(msg_key, _codec.set_refs(value, refs - 1), db=self.messages)
+            return freed
+
+        return self._write(remove)
 
     def purge_dedup(self, before_ms: int, batch: int) -> int:
         """Delete up to ``batch`` dedup entries first delivered before ``before_ms``; return how many."""

@@ -161,3 +161,57 @@ def test_get_and_history_see_unapplied_durable_messages_and_bad_arguments_are_re
         for bad_id in (-1, 2**64, "1", None):
             with pytest.raises(InvalidArgument):
                 store.get(bad_id)
+
+
+# --- deleting entries frees a body exactly when its last reference goes -------------------------
+
+
+def test_removing_a_prefix_frees_each_body_with_its_last_reference(store_path):
+    with syncstore.open(store_path) as store:
+        group = store.deliver(Message(1, 50, 1, b"group"), to=[1, 2, 3]).msg_id  # cursor 1 for each
+        one = store.deliver(Message(1, 60, 2, b"one"), to=[1, 2]).msg_id  # cursor 2 for users 1 and 2
+        for seq in range(3, 6):  # newer messages: the heads stay
+            store.deliver(Message(1, 70, seq, b"later"), to=[1, 2, 3])
+        store._writer.apply_pending()
+        state = store._state
+        assert state.remove_prefix(1, 2) == 0  # both messages are still referenced by users 2 and 3
+        assert store.get(group).body == b"group" and store.get(one).body == b"one"
+        assert store.check()["messages"] == 5
+        assert state.remove_prefix(2, 2) == 1  # the last reference to `one`
+        assert store.get(one) is None and store.get(group).body == b"group"
+        assert state.remove_prefix(3, 1) == 1  # and to `group`
+        assert store.get(group) is None
+        counts = store.check()  # every count still equals a recount; no orphan
+        assert counts["messages"] == 3 and counts["inbox_entries"] == 9
+        assert [m.cursor for m in store.history(1, 70).messages] == [5, 4, 3]
+        assert store.history(1, 50).messages == () and store.history(2, 60).messages == ()
+        assert (store.head(1), store.head(2), store.head(3)) == (5, 5, 4)
+
+
+@pytest.mark.parametrize("upto", [5, 9])
+def test_removing_the_head_entry_is_refused_and_removes_nothing(store_path, upto):
+    with syncstore.open(store_path) as store:
+        for seq in range(1, 6):
+            store.deliver(Message(1, 70, seq, b"m"), to=[1])
+        store._writer.apply_pending()
+        with pytest.raises(InvalidArgument):
+            store._state.remove_prefix(1, upto)
+        assert len(store.sync(1).messages) == 5 and store.check()["messages"] == 5
+
+
+def test_check_still_finds_a_gap_after_a_removed_prefix(store_path):
+    with syncstore.open(store_path) as store:
+        for seq in range(1, 8):
+            store.deliver(Message(1, 70, seq, b"m"), to=[1])
+        store._writer.apply_pending()
+        store._state.remove_prefix(1, 2)
+
+    def drop_cursor_5(txn, dbs):
+        (entry,) = [v for k, v in txn.cursor(db=dbs["inbox"]) if k == _u64.pack(1) and v[:8] == _u64.pack(5)]
+        assert txn.delete(_u64.pack(1), entry, db=dbs["inbox"])
+
+    damage(store_path, drop_cursor_5)
+    with syncstore.open(store_path, readonly=True) as view:
+        with pytest.raises(CorruptionError) as raised:
+            view.check()
+    assert "cursor 6 follows 4" in str(raised.value)
