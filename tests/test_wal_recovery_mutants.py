@@ -293,9 +293,9 @@ def test_body_bytes_that_look_like_a_far_lsn_cost_no_crc(tmp_path, monkeypatch):
     decoded: list[int] = []
     real_decode = _codec.decode_frame
 
-    def recording_decode(buffer, offset):
+    def recording_decode(buffer, offset, check_crc=True):
         decoded.append(offset)
-        return real_decode(buffer, offset)
+        return real_decode(buffer, offset, check_crc)
 
     monkeypatch.setattr(_codec, "decode_frame", recording_decode)
     frames, end_lsn = recovered(directory, first)
