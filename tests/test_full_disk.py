@@ -263,7 +263,7 @@ def test_full_lmdb_disk_fails_in_the_applier_as_store_full(tmp_path, tmpfs):
         assert isinstance(failure, StoreFull), f"LMDB on a full disk made the write raise {type(failure).__name__}, not StoreFull: {failure}"
         assert_still_full(store, acked)
         assert_all_present(store, acked)  # the unapplied records are still served from memory
-        remount(os.path.join(path, "state"), "64m")
+        remount(os.path.join(path, "state"), "256m")  # room for up to a second of writes the applier holds
         assert_heals(store, acked, sender=104)
     finally:
         store.close()
