@@ -822,11 +822,15 @@ class Store:
     def check(self) -> dict[str, int]:
         """Self-verification; raises :class:`CorruptionError` on any violated invariant.
 
-        Checks that every user's cursors are dense and match its head, the
-        dedup index points at real deliveries, the applied LSN is not beyond
-        the WAL end, and unapplied records densely continue the applied state.
-        Returns counts (users, messages, dedup_entries, applied_lsn, pending).
-        Cost is proportional to the store's size.
+        Checks that every user's cursors are dense, every inbox entry
+        references a stored message and has its history entry, every
+        message's reference count equals a recount (no body freed early, none
+        orphaned), the dedup index points at real deliveries with matching
+        fingerprints, the applied LSN is not beyond the WAL end, and unapplied
+        records densely continue the applied state (``_statecheck``).
+        Returns counts (users, inbox_entries, messages, dedup_entries,
+        applied_lsn, pending) of the applied state.  Cost is proportional to
+        the store's size, and memory to its number of messages (the recount).
         """
         self._check_usable()
         assert self._state is not None
