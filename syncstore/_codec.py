@@ -289,11 +289,10 @@ def decode_frame(data: bytes | memoryview, offset: int, check_crc: bool = True) 
     end = start + length
     if length < FRAME_LEAD_SIZE or length > MAX_PAYLOAD or end > len(data):
         return None
-    payload = data[start:end]
-    if check_crc and crc32c(payload, crc32c(data[offset : offset + 4])) != stored:
+    if check_crc and crc32c(data[start:end], crc32c(data[offset : offset + 4])) != stored:
         return None
-    lsn, rtype, synced = _frame_lead.unpack_from(payload, 0)
-    return Frame(offset, end, lsn, rtype, bytes(payload[FRAME_LEAD_SIZE:]), synced)
+    lsn, rtype, synced = _frame_lead.unpack_from(data, start)
+    return Frame(offset, end, lsn, rtype, bytes(data[start + FRAME_LEAD_SIZE : end]), synced)
 
 
 # --- records ------------------------------------------------------------------
@@ -374,6 +373,21 @@ def decode_deliver(body: bytes, path: str | None = None, offset: int | None = No
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
     msg_id, sender, conv, client_seq, ts_ms, priority = head
     return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
+
+
+def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = None) -> Pairs:
+    """The (user id, cursor) pairs of a DELIVER record body, its lengths checked as :func:`decode_deliver` does.
+
+    Replay validates every record's cursors before applying anything; this
+    reads only what that needs (no message, no copy of the body).
+    """
+    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
+    if len(body) < fixed:
+        raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
+    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
+    if len(body) != fixed + blen + PAIR_SIZE * count:
+        raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
+    return _unpack_pairs(body, fixed + blen, count)
 
 
 def encode_message_value(record: Deliver) -> bytes:

@@ -74,10 +74,10 @@ class FileSystem:
         """``os.unlink``."""
         os.unlink(path)
 
-    def read_file(self, path: str) -> bytes:
-        """The whole content of a file (recovery and tailing read through here too)."""
+    def read_file(self, path: str, size: int = -1) -> bytes:
+        """The content of a file, or its first ``size`` bytes (recovery and replay read through here)."""
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(size)
 
     def listdir(self, path: str) -> list[str]:
         """``os.listdir``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import itertools
 import logging
 import os
 import threading
@@ -56,12 +55,7 @@ MAX_SYNC_LIMIT = 10_000
 MAX_RECIPIENTS = 100_000
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAP_SIZE = 64 << 30
-_REPLAY_BATCH = 20_000
-# Replay validates every record before applying any, keeping the decoded records for
-# the apply up to these bounds (a normal crash leaves at most the writer's 65,536
-# unapplied records); beyond them, the apply decodes the log a second time.
-_REPLAY_KEEP_RECORDS = 65_536
-_REPLAY_KEEP_BYTES = 64 << 20
+_REPLAY_BATCH = 16_384  # records per LMDB transaction of the replay on open, as the applier's
 
 _open_paths: dict[str, weakref.ref[Store]] = {}
 _open_paths_lock = threading.Lock()
@@ -427,8 +421,8 @@ class Store:
                 existing=probe is not None,  # an initialised state needs its log: missing evidence is corruption
                 file_mode=file_mode,
             )
-            with _gc_paused:  # replay builds many long-lived records: keep the collector out
-                replay = self._check_replay(probe, applied)
+            with _gc_paused:  # replay builds many records: keep the collector out
+                self._check_replay(probe, applied)
         finally:
             if probe is not None:
                 probe.close()
@@ -465,7 +459,7 @@ class Store:
         # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
         self._wal.sync()
         with _gc_paused:
-            self._replay(applied, replay)
+            self._replay(applied)
         self._state.sync()
         self._wal.retire(self._wal.end_lsn)
         ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
@@ -554,29 +548,29 @@ class Store:
             )
         self._epoch = marker.epoch
 
-    def _check_replay(self, probe: State | None, applied: int) -> list[Deliver]:
-        """Decode every WAL record after ``applied`` and check it continues the state; apply nothing.
+    def _check_replay(self, probe: State | None, applied: int) -> None:
+        """Check that every WAL record after ``applied`` continues the state; apply nothing.
 
-        A CRC-valid record whose cursors do not densely continue its
-        recipients' heads cannot have been written by this store: it is
-        reported as corruption (file and offset).  Returns the first decoded
-        records (up to :data:`_REPLAY_KEEP_RECORDS` / ``_BYTES``) for
-        :meth:`_replay`, which decodes any after them again.
+        A CRC-valid record of an unknown type, with no recipient, or whose
+        cursors do not densely continue its recipients' heads cannot have
+        been written by this store: it is reported as corruption (file and
+        offset).  Only the pairs are decoded here (``_codec.deliver_pairs``);
+        :meth:`_replay` decodes each record once, when it applies it.
         """
         assert self._wal is not None
         wal = self._wal
-        records: list[Deliver] = []
-        keep = True
-        kept_bytes = 0
         heads: dict[int, int] = {}  # users' heads as of the records checked so far
         txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
+        head_of = probe.head_reader(txn) if probe is not None and txn is not None else (lambda uid: 0)
         try:
             for frame in wal.frames(applied, check_crc=False):  # recover() has just verified every CRC
-                record = _decode_record(frame, wal)
-                if not record.pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
+                if frame.rtype != RECORD_DELIVER:
+                    _decode_record(frame, wal)  # raises, naming the type, file and offset
+                pairs = _codec.deliver_pairs(frame.body, wal.segment_of(frame.lsn), frame.offset)
+                if not pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
                     raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
-                for uid, cursor in record.pairs:
-                    head = heads[uid] if uid in heads else (probe.head(txn, uid) if probe is not None and txn is not None else 0)
+                for uid, cursor in pairs:
+                    head = heads[uid] if uid in heads else head_of(uid)
                     if cursor != head + 1:
                         raise CorruptionError(
                             f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",
@@ -584,31 +578,19 @@ class Store:
                             offset=frame.offset,
                         )
                     heads[uid] = cursor
-                if keep:
-                    records.append(record)
-                    kept_bytes += len(record.body)
-                    keep = len(records) < _REPLAY_KEEP_RECORDS and kept_bytes < _REPLAY_KEEP_BYTES
         finally:
             if txn is not None:
                 txn.abort()
-        return records
 
-    def _replay(self, applied: int, records: list[Deliver]) -> None:
-        """Apply the validated WAL records after ``applied`` to LMDB, in batches.
-
-        ``records`` are the first of them, as :meth:`_check_replay` decoded
-        and checked them; any after those are decoded again from the log
-        (which recovery has not changed since, except for cutting a torn tail
-        that lies beyond them).
-        """
+    def _replay(self, applied: int) -> None:
+        """Apply the WAL records after ``applied`` (checked by :meth:`_check_replay`) to LMDB, in batches."""
         assert self._wal is not None and self._state is not None
         wal, state = self._wal, self._state
-        rest = (_decode_record(frame, wal) for frame in wal.frames(applied + len(records), check_crc=False))
-        source = itertools.chain(records, rest)
+        decode = _codec.decode_deliver
         batch: list[Deliver] = []
         last = applied
-        for record in source:  # LSNs are dense: the k-th record after `applied` has LSN applied + k
-            batch.append(record)
+        for frame in wal.frames(applied, check_crc=False):  # LSNs are dense: the k-th has LSN applied + k
+            batch.append(decode(frame.body))  # lengths already checked by _check_replay
             if len(batch) >= _REPLAY_BATCH:
                 last += len(batch)
                 state.apply(batch, last)

@@ -544,7 +544,7 @@ class WriteAheadLog:
         for segment in list(self._segments):
             if segment.last_lsn <= after_lsn:
                 continue
-            data = self._fs.read_file(segment.path)[: segment.size]
+            data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
             offset = SEGMENT_HEADER_SIZE
             expected = segment.first_lsn
             while expected <= segment.last_lsn:

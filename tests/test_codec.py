@@ -445,3 +445,12 @@ def test_the_apply_loop_encodes_as_the_codec_does(records):
     assert len(messages) == len(expiry) == len(records)
     for items in (messages, inbox, history, dedup, expiry):
         assert [key for key, _ in items] == sorted(key for key, _ in items)
+
+
+@given(delivers(), st.integers(1, 30))
+def test_deliver_pairs_reads_what_decode_deliver_reads_and_checks_the_same_lengths(record, cut):
+    body = encode_deliver(record)
+    assert _codec.deliver_pairs(body) == decode_deliver(body).pairs == record.pairs
+    for bad in (body[: max(0, len(body) - cut)], body + b"\x00" * cut):
+        with pytest.raises(CorruptionError):
+            _codec.deliver_pairs(bad)

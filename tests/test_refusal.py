@@ -280,20 +280,18 @@ def test_readonly_view_of_a_legacy_store_is_refused_without_change(tmp_path):
     assert "without readonly=True" in str(error)
 
 
-@pytest.mark.parametrize("keep", [1, 5, 29, 30, 31])
-def test_replay_beyond_the_records_kept_in_memory(unapplied, monkeypatch, keep):
-    """Validation keeps the first records for the apply and decodes the rest again: both halves land, in order."""
-    monkeypatch.setattr(syncstore.store, "_REPLAY_KEEP_RECORDS", keep)
-    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", 7)
+@pytest.mark.parametrize("batch", [1, 7, 29, 30, 31])
+def test_replay_in_batches_lands_every_record_in_order(unapplied, monkeypatch, batch):
+    """Validation reads the log once, the apply once more, in transactions of _REPLAY_BATCH records: all land, in order."""
+    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", batch)
     with syncstore.open(unapplied, segment_bytes=SEGMENT) as store:
         assert store.head(USER) == 30
         assert [m.client_seq for m in store.sync(USER, 0, 100).messages] == list(range(1, 31))
         store.check()
 
 
-def test_bad_record_beyond_the_records_kept_in_memory_changes_nothing(unapplied, monkeypatch):
-    monkeypatch.setattr(syncstore.store, "_REPLAY_KEEP_RECORDS", 3)
-    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", 2)
+def test_a_bad_record_after_many_good_ones_changes_nothing(unapplied, monkeypatch):
+    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", 2)  # many apply transactions would follow: none may run
     record = deliver_records(1, USER, first_seq=99, first_cursor=40)[0]
     append_frame(unapplied, 1, encode_deliver(record))
     refused(unapplied)

@@ -244,8 +244,8 @@ class CountingBytes(bytes):
 
 
 class CountingFS(FileSystem):
-    def read_file(self, path: str) -> bytes:
-        return CountingBytes(super().read_file(path))
+    def read_file(self, path: str, size: int = -1) -> bytes:
+        return CountingBytes(super().read_file(path, size))
 
 
 def test_torn_tail_recovery_does_not_search_the_preallocated_zeros(tmp_path):
@@ -578,9 +578,9 @@ class FailingFS(FileSystem):
         if operation == self.operation:
             raise OSError(self.code, os.strerror(self.code))
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, size: int = -1) -> bytes:
         self._maybe_fail("read_file")
-        return super().read_file(path)
+        return super().read_file(path, size)
 
     def allocate(self, fd: int, size: int) -> None:
         self._maybe_fail("allocate")
