@@ -96,18 +96,23 @@ class Overlay:
         ]
         return out, entries[0][0]
 
-    def take(self, upto_lsn: int, limit: int) -> tuple[list[Deliver], int]:
+    def take(self, upto_lsn: int, limit: int, max_users: int | None = None) -> tuple[list[Deliver], int]:
         """Up to ``limit`` oldest records with LSN <= ``upto_lsn``, and the LSN of the last one (0 if none).
 
-        They stay indexed until :meth:`forget`.
+        ``max_users`` also stops once the records taken reach that many
+        distinct recipients (each one's inbox and history pages are dirtied by
+        the apply).  They stay indexed until :meth:`forget`.
         """
         out = []
         last = 0
+        users: set[int] = set()
         for lsn, record in itertools.islice(self._records, limit):
-            if lsn > upto_lsn:
+            if lsn > upto_lsn or (max_users is not None and len(users) >= max_users):
                 break
             out.append(record)
             last = lsn
+            if max_users is not None:
+                users.update(uid for uid, _cursor in record.pairs)
         return out, last
 
     def forget(self, upto_lsn: int) -> None:

@@ -65,7 +65,12 @@ APPLY_INTERVAL_S = {"sync": 1.0, "interval": 1.0, "none": 1.0}
 #: every write is durable before it is acknowledged).
 SYNC_INTERVAL_S = {"sync": 0.0, "interval": 0.1, "none": 1.0}
 _APPLY_BATCH = 32_768  # wake the applier once this many records wait
-_APPLY_TXN_RECORDS = 16_384  # records per LMDB transaction (bounds its dirty pages)
+_APPLY_TXN_RECORDS = 16_384  # records per LMDB transaction, at most ...
+#: ... and recipients per LMDB transaction, at most: a transaction holds every page it dirties in
+#: memory, about five per record when users are many and scattered (inbox, history, dedup), so
+#: with 1M users this is what bounds it (~4,000 records); with few users, pages are shared and
+#: the record cap does.
+_APPLY_TXN_USERS = 8_192
 _MAX_PENDING = 65_536  # stop sequencing while this many records wait (bounded memory)
 BULK_CHUNK = 16_384  # deliver_many commits in chunks of this many messages
 _PURGE_BATCH = 1_000
@@ -684,7 +689,7 @@ class Writer:
     def _apply_unlocked(self) -> None:
         """Move durable records from the overlay into LMDB.  Apply lock held.
 
-        At most :data:`_APPLY_TXN_RECORDS` per LMDB transaction: a write
+        At most :data:`_APPLY_TXN_RECORDS` records and :data:`_APPLY_TXN_USERS` recipients per LMDB transaction: a write
         transaction holds every page it dirties in memory, so this bounds the
         process's memory however far behind the applier is.  LMDB must never
         get ahead of the durable WAL, so only records up to the synced LSN go.
@@ -693,7 +698,7 @@ class Writer:
         applied = 0
         while True:
             with self.lock:
-                records, last = self.overlay.take(upto, _APPLY_TXN_RECORDS)
+                records, last = self.overlay.take(upto, _APPLY_TXN_RECORDS, _APPLY_TXN_USERS)
             if not records:
                 break
             with _gc_paused:
