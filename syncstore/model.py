@@ -168,13 +168,10 @@ class Messages(Sequence[StoredMessage]):
     def __getitem__(self, index: int | slice) -> StoredMessage | Messages:
         if isinstance(index, slice):
             return Messages(self._items[index])
-        item = self._items[index]
-        return item if type(item) is StoredMessage else StoredMessage.from_ref(item)  # type: ignore[arg-type]
+        return _decode(self._items[index])
 
     def __iter__(self) -> Iterator[StoredMessage]:
-        decode = StoredMessage.from_ref
-        for item in self._items:
-            yield item if type(item) is StoredMessage else decode(item)  # type: ignore[misc, arg-type]
+        return map(_decode, self._items)  # a C-level loop: no generator frame per message
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (Messages, tuple, list)):
@@ -186,6 +183,11 @@ class Messages(Sequence[StoredMessage]):
 
     def __repr__(self) -> str:
         return f"Messages({list(self)!r})"
+
+
+def _decode(item: InboxRef | StoredMessage) -> StoredMessage:
+    """A page item as a StoredMessage: overlay items already are one; LMDB items are decoded."""
+    return item if type(item) is StoredMessage else StoredMessage.from_ref(item)  # type: ignore[arg-type]
 
 
 #: Why a page is a reset page (``Page.reset_reason``).

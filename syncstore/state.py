@@ -72,7 +72,7 @@ _REPLICA = b"replica_id"
 _FORMAT = b"format_version"
 _FILES = ("data.mdb", "lock.mdb")
 _NEARLY_FULL_BYTES = 4 << 20  # an LMDB I/O error with less free space than this is "disk full"
-_PUT_SLICE = 4_096  # items per putmulti call between GIL yields in apply()
+_PUT_SLICE = 512  # items per putmulti call between GIL yields in apply()
 STATE_FORMAT = 3  # 3: one body per message; 1 and 2 are migrated on open (_migrate)
 #: LMDB reader slots (one per read transaction open at once, across every process).
 DEFAULT_MAX_READERS = 512
