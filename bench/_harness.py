@@ -80,6 +80,18 @@ def group_items(count: int, users: int, groups: int, members: int, body_bytes: i
     return items
 
 
+def read_inbox(store: object, uid: int, page_size: int = 1_000) -> list:
+    """Every message of ``uid``, read with ``store.sync`` page by page from cursor 0."""
+    got: list = []
+    since = 0
+    while True:
+        page = store.sync(uid, since=since, limit=page_size)  # type: ignore[attr-defined]
+        got.extend(page.messages)
+        since = page.next
+        if not page.has_more:
+            return got
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """The ``fraction`` quantile of already sorted values (nearest rank)."""
     if not sorted_values:

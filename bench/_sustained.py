@@ -75,6 +75,10 @@ import lmdb
 import syncstore
 from syncstore import Message
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
+from _harness import read_inbox  # noqa: E402
+from _ingest import status_kb  # noqa: E402
+
 SAMPLE_USERS = 50
 
 
@@ -117,15 +121,6 @@ def lmdb_sizes(store_path: str) -> tuple[int, int]:
         env.close()
 
 
-def status_kb(*names: str) -> dict[str, int]:
-    """Fields (in kB) of /proc/self/status."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in names:
-                out[key] = int(rest.split()[0])
-    return out
 
 
 def pending_records(store: syncstore.Store) -> int | None:
@@ -154,13 +149,7 @@ def check(path: str, messages: int, users: int, senders: array, offsets: array, 
         if total != 2 * messages:
             errors.append(f"heads add up to {total}, expected {2 * messages}")
         for uid in sorted(sampled):
-            got, since = [], 0
-            while True:
-                page = store.sync(uid, since=since, limit=1_000)
-                got.extend(page.messages)
-                since = page.next
-                if not page.has_more:
-                    break
+            got = read_inbox(store, uid)
             if [m.client_seq for m in got] != expected[uid]:
                 errors.append(f"user {uid}: sync returned client_seqs {[m.client_seq for m in got][:10]}..., expected {expected[uid][:10]}...")
             elif [m.cursor for m in got] != list(range(1, len(got) + 1)):

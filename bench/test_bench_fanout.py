@@ -44,7 +44,7 @@ import random
 import time
 
 import pytest
-from _harness import RESULTS, SECTIONS, Row, Section, Target, io_counters, sized, thread_id
+from _harness import RESULTS, SECTIONS, Row, Section, Target, io_counters, read_inbox, sized, thread_id
 from _sustained import disk_bytes, lmdb_sizes
 
 import syncstore
@@ -135,13 +135,7 @@ def test_group_fanout(benchmark, fanout, scale, fresh_dir):
         heads = {uid: store.head(uid) for uid in members}
         wrong = {uid: head for uid, head in heads.items() if head != messages}
         assert not wrong, f"{len(wrong)} of {fanout} members have a head other than {messages}, e.g. {list(wrong.items())[:5]}"
-        reader, got, since = members[-1], [], 0
-        while True:
-            page = store.sync(reader, since=since, limit=1_000)
-            got.extend(page.messages)
-            since = page.next
-            if not page.has_more:
-                break
+        got = read_inbox(store, members[-1])
     assert [m.cursor for m in got] == list(range(1, messages + 1))
     assert [(m.sender, m.conv, m.client_seq) for m in got] == [(sender, CONV, seq) for seq in range(1, messages + 1)]
     assert [m.body for m in got] == payloads, "a member's sync returned wrong bodies"
