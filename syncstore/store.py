@@ -232,9 +232,6 @@ class Store:
         _check_option_int("max_body_bytes", max_body_bytes, 0, 64 << 20)
         _check_option_int("segment_bytes", segment_bytes, 4096)
         _check_option_int("max_readers", max_readers, 8, 1 << 20)
-        self._max_readers = max_readers
-        _check_option_int("max_readers", max_readers, 8, 1 << 20)
-        self._max_readers = max_readers
         if type(readonly) is not bool:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
         if type(create) is not bool:
