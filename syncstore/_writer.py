@@ -1,7 +1,7 @@
 """The write side of an open store: sequencing, group commit, the sync timer and the LMDB applier.
 
 1. Under the *sequencing lock*, :meth:`Writer.deliver` looks the idempotency
-   key up (overlay, then LMDB; a retry must repeat the first delivery's
+   key up (:mod:`syncstore._idempotency`: overlay, then LMDB; a retry must repeat the first delivery's
    content, or raises :class:`IdempotencyConflict`), assigns the msg_id and each recipient's next
    cursor, encodes one WAL frame (unsealed) and indexes the record in the
    overlay.  No I/O but LMDB reads, so the lock is held for microseconds; LSN
@@ -50,9 +50,10 @@ import lmdb
 
 from . import _codec
 from ._codec import Deliver, Pairs
+from ._idempotency import Idempotency
 from ._ids import MessageIds, msg_id_ms
 from ._overlay import Overlay
-from .errors import CorruptionError, DurabilityError, IdempotencyConflict, StoreClosed, StoreFull, SyncStoreError
+from .errors import CorruptionError, DurabilityError, StoreClosed, StoreFull, SyncStoreError
 from .model import Message, MessageRecord, StoredMessage
 from .state import State
 from .wal import WriteAheadLog
@@ -80,8 +81,6 @@ _monotonic = time.monotonic  # the sync timer's clock; a seam: tests substitute 
 
 #: What sequencing a message yields: (msg_id, duplicate, pairs).
 Sequenced = tuple[int, bool, Pairs]
-#: An idempotency key: (sender, client_seq).
-Key = tuple[int, int]
 
 
 class _GcPause:
@@ -176,12 +175,9 @@ class Writer:
         self._rollbacks = 0
         self._rollback_log: collections.deque[int] = collections.deque(maxlen=1024)
         self.overlay = Overlay()
-        # Keys of deliver_many items not sequenced yet (chunks after the first):
-        # key -> [message, recipients, how many batches claim it]; see deliver_many.
-        self._claims: dict[Key, list] = {}
-        self._dedup_now = 0  # the clock as dedup sees it: never backwards (see _first_delivery)
-        # Keys _check_batch just found new, valid only inside its read transaction (see _first_delivery).
-        self._fresh: tuple[lmdb.Transaction, set[Key]] | None = None
+        # Dedup decisions, the claims of deliver_many's later chunks, the dedup clock.
+        self._idempotency = Idempotency(self.overlay, state, clock_ms=clock_ms, dedup_window_ms=dedup_window_ms)
+        self._first_delivery = self._idempotency.first_delivery  # bound once: _sequence calls it per message
         self.lock = threading.Lock()  # sequencing: dedup, ids, cursors, frames, overlay
         self._apply_lock = threading.Lock()  # one apply at a time (applier thread or a re-probing writer)
         self._frames: list[bytes] = []
@@ -229,7 +225,7 @@ class Writer:
 
         Nothing is written unless every item passes the idempotency check:
         under the lock of the first chunk, before anything is sequenced,
-        :meth:`_check_batch` compares every item with the first delivery of
+        :meth:`Idempotency.check_batch` compares every item with the first delivery of
         its key and with earlier items of the batch.  Items of later chunks
         then *claim* their keys until they are sequenced, so that a
         concurrent delivery of such a key with other content fails instead
@@ -240,6 +236,7 @@ class Writer:
         waiter = None
         chunks: list[tuple[int, int]] = []  # (rollbacks so far, highest LSN) per chunk, when sequenced
         claimed = len(items)  # items[claimed:] hold claims
+        idempotency = self._idempotency
         try:
             for start in range(0, len(items), BULK_CHUNK):
                 end = start + BULK_CHUNK
@@ -248,12 +245,12 @@ class Writer:
                     self._check_writable()
                     with self._state.read() as txn:
                         if start == 0:
-                            self._check_batch(txn, items)
+                            idempotency.check_batch(txn, items, BULK_CHUNK)
                             if end < len(items):
-                                self._claim(items[end:], 1)
+                                idempotency.claim(items[end:], 1)
                                 claimed = end
                         elif claimed < end:
-                            self._claim(items[claimed:end], -1)
+                            idempotency.claim(items[claimed:end], -1)
                             claimed = end
                         chunk_last = 0
                         head_of, sequence = self._state.head_reader(txn), self._sequence
@@ -266,14 +263,14 @@ class Writer:
                             self._work.notify()
                         last = max(last, chunk_last)
                         chunks.append((self._rollbacks, chunk_last))
-                        self._fresh = None
+                        idempotency.forget_fresh()
                     if end >= len(items):
                         waiter = self._gate(last)
                 self._sync_if_due()
         finally:
             if claimed < len(items):
                 with self.lock:
-                    self._claim(items[claimed:], -1)
+                    idempotency.claim(items[claimed:], -1)
         self._await(waiter)
         self._check_chunks(chunks)
         self._sync_if_due()
@@ -386,104 +383,6 @@ class Writer:
         if len(overlay) == _APPLY_BATCH:
             self._apply_wakeup.set()
         return msg_id, False, pairs, lsn
-
-    # --- idempotency --------------------------------------------------------------------
-
-    def _first_delivery(self, txn: lmdb.Transaction, message: Message, recipients: tuple[int, ...]) -> tuple[int, Pairs, int] | None:
-        """The live first delivery of ``message``'s key as (msg_id, pairs, lsn), or None if the key is new.
-
-        Raises :class:`IdempotencyConflict` if that delivery's conv, body or
-        set of recipients differ from ``message``'s.  The LSN is that of a
-        pending (unapplied) first delivery, 0 if applied.  Sequencing lock held.
-        """
-        key = (message.sender, message.client_seq)
-        fresh = self._fresh
-        if fresh is not None and fresh[0] is txn and key in fresh[1]:
-            # deliver_many's check found the key new a moment ago, in this very transaction
-            # and lock hold: nothing can have delivered it since (but its own earlier item,
-            # hence discard: a repeat of the key is looked up).  Saves the lookups twice.
-            fresh[1].discard(key)
-            return None
-        pending = self.overlay.dedup(*key)
-        if pending is not None and self._live(pending[1].msg_id):
-            lsn, first = pending
-            differs = [name for name, same in (("conv", first.conv == message.conv), ("body", first.body == message.body)) if not same]
-            if not _same_recipients(first.pairs, recipients):
-                differs.append("recipients")
-            if differs:
-                raise _conflict(key, first.msg_id, f"differs from the first delivery (msg_id {first.msg_id}) in {', '.join(differs)}")
-            return first.msg_id, first.pairs, lsn
-        # An expired pending entry is the newest of its key: LMDB can only hold an older one.
-        seen = None if pending is not None else self._state.dedup_entry(txn, *key)
-        if seen is not None and self._live(seen.msg_id):
-            differs = [] if seen.fingerprint == _codec.dedup_fingerprint(message.conv, message.body) else ["conv or body"]
-            if not _same_recipients(seen.pairs, recipients):
-                differs.append("recipients")
-            if differs:
-                raise _conflict(key, seen.msg_id, f"differs from the first delivery (msg_id {seen.msg_id}) in {', '.join(differs)}")
-            return seen.msg_id, seen.pairs, 0
-        claim = self._claims.get(key) if self._claims else None
-        if claim is not None and not _same_content(claim[0], claim[1], message, recipients):
-            raise _conflict(key, None, "a concurrent deliver_many is delivering it with other content")
-        return None
-
-    def _live(self, msg_id: int) -> bool:
-        """Whether a first delivery with this msg_id is inside the dedup window.  Sequencing lock held.
-
-        The clock used never goes backwards: an entry once expired stays so
-        (the purge may have removed it already), and deliver_many's check
-        and its sequencing cannot disagree about a key.
-        """
-        now = self._clock()
-        if now > self._dedup_now:
-            self._dedup_now = now
-        return self._dedup_now - msg_id_ms(msg_id) <= self._dedup_window_ms
-
-    def _check_batch(self, txn: lmdb.Transaction, items: Sequence[tuple[Message, tuple[int, ...]]]) -> None:
-        """Raise :class:`IdempotencyConflict` if any item conflicts with its key's first delivery or an earlier item.
-
-        A repeat of a key within the batch with the same content is fine (a
-        duplicate, as in :meth:`deliver`).  Sequencing lock held.
-        """
-        firsts: dict[Key, int] = {}  # key -> index of its first item in this batch
-        fresh: set[Key] = set()  # keys of the first chunk found new (sequenced in this same lock hold)
-        pending, claims, chunk = self.overlay.dedup, self._claims, BULK_CHUNK
-        keys = [(message.sender, message.client_seq) for message, _recipients in items]
-        stored = self._state.dedup_keys_present(txn, keys)  # one C-level lookup loop for the whole batch
-        for index, (message, recipients) in enumerate(items):
-            key = keys[index]
-            earlier = firsts.setdefault(key, index)
-            if earlier == index:
-                # Most keys of a bulk load are new: tell so without _first_delivery's call.
-                if pending(*key) is None and key not in stored and key not in claims:
-                    if index < chunk:
-                        fresh.add(key)
-                elif self._first_delivery(txn, message, recipients) is None and index < chunk:
-                    fresh.add(key)
-            elif not _same_content(*items[earlier], message, recipients):
-                self._first_delivery(txn, message, recipients)  # names the stored first delivery, if any
-                raise _conflict(key, None, f"items[{earlier}] and items[{index}] of the batch differ in conv, body or recipients")
-        # Only this transaction's sequencing may use it; a memo left behind by an error
-        # names a transaction no one else holds, and the next batch replaces it.
-        self._fresh = (txn, fresh)
-
-    def _claim(self, items: Sequence[tuple[Message, tuple[int, ...]]], change: int) -> None:
-        """Add (change=1) or drop (change=-1) the claims of ``items`` on their keys.  Sequencing lock held.
-
-        Claims on one key always carry the same content: a batch whose item
-        differs from a claim fails its check before claiming anything.
-        """
-        claims = self._claims
-        for message, recipients in items:
-            key = (message.sender, message.client_seq)
-            claim = claims.get(key)
-            if claim is None:
-                if change > 0:
-                    claims[key] = [message, recipients, change]
-            elif claim[2] + change > 0:
-                claim[2] += change
-            else:
-                del claims[key]
 
     # --- group commit ---------------------------------------------------------------
 
@@ -808,24 +707,3 @@ class Writer:
             self._stopped = True
             self._synced.notify_all()
 
-
-def _same_recipients(pairs: Pairs, recipients: tuple[int, ...]) -> bool:
-    """Whether a first delivery's (user, cursor) pairs name the same set of users as ``recipients``.
-
-    Both sides list each user once (deliver drops repeats), so equal sizes and
-    equal sets are the test; the order of ``to`` is not part of the content.
-    """
-    if len(pairs) != len(recipients):
-        return False
-    if len(pairs) == 1:
-        return pairs[0][0] == recipients[0]
-    return {uid for uid, _cursor in pairs} == set(recipients)
-
-
-def _same_content(first: Message, first_to: tuple[int, ...], message: Message, to: tuple[int, ...]) -> bool:
-    """Whether two deliveries of one key carry the same conv, body and set of recipients."""
-    return first.conv == message.conv and first.body == message.body and (first_to == to or set(first_to) == set(to))
-
-
-def _conflict(key: Key, msg_id: int | None, detail: str) -> IdempotencyConflict:
-    return IdempotencyConflict(f"idempotency key reused with different content: {detail}", key=key, msg_id=msg_id)

@@ -1,9 +1,10 @@
 """The Store facade: open, deliver, deliver_many, sync, head, check, close.
 
-This module validates arguments, owns the store's files (lock file, LMDB
-state, WAL) and their recovery on open, and serves reads.  The write path --
-sequencing, group commit, the LMDB applier -- lives in :mod:`syncstore._writer`;
-docs/design.md tells the whole story.
+This module validates arguments, owns the open store's parts (lock file,
+LMDB state, WAL, writer) and their release, and serves reads.  Opening --
+creation, validation, repair, migration and replay -- lives in
+:mod:`syncstore._open`; the write path -- sequencing, group commit, the LMDB
+applier -- in :mod:`syncstore._writer`; docs/design.md tells the whole story.
 
 Reads (``sync``, ``head``) merge the LMDB state with the writer's durable,
 not yet applied records: readers see every durable write at once, and only
@@ -21,25 +22,21 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from . import _codec, _layout, _migrate
-from ._codec import RECORD_DELIVER, Deliver
+from . import _layout, _open
 from ._fileio import OS_FS, FileSystem
-from ._ids import MAX_REPLICA, MessageIds
-from ._layout import DEFAULT_FILE_MODE, Found, Marker
-from ._writer import Writer, _gc_paused
+from ._ids import MAX_REPLICA
+from ._writer import Writer
 from .errors import (
-    CorruptionError,
     InvalidArgument,
     LayoutError,
     ReadOnlyStore,
     StoreClosed,
     StoreLocked,
-    StoreNotFound,
     SyncStoreError,
     UsedAfterFork,
 )
 from .model import MAX_U64, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
-from .state import DEFAULT_MAX_READERS, STATE_FORMAT, State, state_dir
+from .state import DEFAULT_MAX_READERS, State
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
 __all__ = ["Store", "open", "DURABILITY_MODES"]
@@ -55,7 +52,6 @@ MAX_SYNC_LIMIT = 10_000
 MAX_RECIPIENTS = 100_000
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAP_SIZE = 64 << 30
-_REPLAY_BATCH = 16_384  # records per LMDB transaction of the replay on open, as the applier's
 
 _open_paths: dict[str, weakref.ref[Store]] = {}
 _open_paths_lock = threading.Lock()
@@ -236,9 +232,6 @@ class Store:
         _check_option_int("max_body_bytes", max_body_bytes, 0, 64 << 20)
         _check_option_int("segment_bytes", segment_bytes, 4096)
         _check_option_int("max_readers", max_readers, 8, 1 << 20)
-        self._max_readers = max_readers
-        _check_option_int("max_readers", max_readers, 8, 1 << 20)
-        self._max_readers = max_readers
         if type(readonly) is not bool:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
         if type(create) is not bool:
@@ -275,11 +268,30 @@ class Store:
         self._epoch = 0
         self.lock_free = False  # a read-only view without an LMDB reader slot (docs/reliability.md)
         self._register()
+        opened = _open.Opened()
         try:
-            if readonly:
-                self._open_view(map_size)
-            else:
-                self._open_files(create, replica_id, map_size, max_map_size, segment_bytes, file_mode)
+            try:
+                if readonly:
+                    _open.open_view(path, opened, map_size=map_size, max_readers=max_readers, fs=self._fs)
+                else:
+                    _open.open_writable(
+                        path,
+                        opened,
+                        create=create,
+                        durability=durability,
+                        replica_id=replica_id,
+                        map_size=map_size,
+                        max_map_size=max_map_size,
+                        segment_bytes=segment_bytes,
+                        file_mode=file_mode,
+                        max_readers=max_readers,
+                        dedup_window_ms=dedup_window_ms,
+                        clock=self._clock,
+                        fs=self._fs,
+                    )
+            finally:  # whatever was acquired, the store owns (and releases, if opening failed)
+                self._lock_fd, self._wal, self._state, self._writer = opened.lock_fd, opened.wal, opened.state, opened.writer
+                self._epoch, self.lock_free = opened.epoch, opened.lock_free
         except PermissionError as error:
             self._release()
             raise _layout.permission_denied(error, "read access (read and write access for a writer)") from error
@@ -301,7 +313,7 @@ class Store:
                 ", ".join(exposed),
             )
 
-    # --- opening ------------------------------------------------------------------
+    # --- one open Store per path and process ---------------------------------------
 
     def _register(self) -> None:
         key = os.path.realpath(self.path)
@@ -324,282 +336,6 @@ class Store:
                 )
             _open_paths[key] = weakref.ref(self)
         self._registry_key = key
-
-    def _open_files(
-        self, create: bool, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int, file_mode: int | None
-    ) -> None:
-        path = self.path
-        found = _layout.inspect(path)
-        if found.kind == "missing":
-            if not create:
-                raise StoreNotFound(f"no store at {path}: the directory does not exist", path=path)
-            parent = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(parent, exist_ok=True)  # parents keep the default mode; the store itself is private
-            except PermissionError as error:
-                raise _layout.permission_denied(error, "write and search (-wx) access to create the directories above the store") from None
-            except OSError as error:
-                raise LayoutError(f"cannot create the directories above the store {path}: {error.strerror}", path=parent) from None
-            with contextlib.suppress(FileExistsError):  # created meanwhile by another process: the lock decides
-                _layout.make_dir(path, file_mode or DEFAULT_FILE_MODE)
-        # Hold the directory while validating: nobody else opens or creates the store
-        # meanwhile, and no LOCK file had to be created for it.
-        dir_fd = _layout.lock_directory(path)
-        try:
-            found = _layout.inspect(path)  # again: another process may have created it
-            if found.kind != "store" and found.kind != "legacy":
-                if not create:
-                    raise StoreNotFound(f"no store at {path}: the directory is empty", path=path)
-                self._create(replica_id, file_mode or DEFAULT_FILE_MODE)
-                found = Found("store")
-            existing_mode = _layout.store_file_mode(path)
-            self._open_existing(found, replica_id, map_size, max_map_size, segment_bytes, file_mode or existing_mode)
-            if file_mode is not None and file_mode != existing_mode:  # opened fine: now share (or unshare) it all
-                _layout.apply_file_mode(path, file_mode)
-                log.info("store %s: files now mode %04o", path, file_mode)
-        finally:
-            os.close(dir_fd)
-
-    def _create(self, replica_id: int, file_mode: int) -> None:
-        """Start a new store: make the directory private and write the marker, first.
-
-        The rest of creation -- the WAL directory and first segment, then the
-        LMDB state, forced durable -- is what opening a store whose state was
-        never initialised does (``_open_existing``), so a crash anywhere in
-        creation is finished by the next open.
-        """
-        # Private whatever the umask, or the mode of the empty directory (and the empty
-        # wal/ and state/ mount points) we were given.
-        for directory in (self.path, os.path.join(self.path, _layout.WAL_DIR), state_dir(self.path)):
-            if os.path.isdir(directory):
-                os.chmod(directory, _layout.dir_mode(file_mode))
-        marker = Marker(replica_id, _layout.new_epoch())
-        _layout.write_marker(self.path, marker, file_mode, self._fs)
-        log.info("created store %s (replica %d, epoch %d)", self.path, replica_id, marker.epoch)
-
-    def _open_existing(
-        self, found: Found, replica_id: int, map_size: int, max_map_size: int | None, segment_bytes: int, file_mode: int
-    ) -> None:
-        """Validate everything, then (and only then) repair, migrate, replay and start.
-
-        Nothing before the "validated" line below writes a byte or creates a
-        directory entry: a refused open leaves the tree as it found it.
-        """
-        path = self.path
-        wal_dir, lmdb_dir = os.path.join(path, _layout.WAL_DIR), state_dir(path)
-        _layout.check_access(path, write=True)
-        # A store's LOCK also keeps out writers of syncstore versions that flock only it.
-        self._lock_fd = _layout.hold_lock_file(path, create=False)
-        marker = None if found.kind == "legacy" else _layout.read_marker(path, self._fs)
-        if marker is not None and marker.replica_id != replica_id:
-            raise InvalidArgument(
-                f"this store was created with replica_id {marker.replica_id}, not {replica_id}",
-                key="replica_id",
-                hint=f"open it with replica_id={marker.replica_id}",
-            )
-        probe = self._probe_state(_migrate.live_state_dir(path), map_size, max_map_size)
-        legacy_format = probe.format if probe is not None and probe.legacy else None
-        try:
-            applied = probe.applied_lsn() if probe is not None else 0
-            recorded = probe.replica_id() if probe is not None else None
-            if recorded is not None and recorded != replica_id:
-                if marker is not None:
-                    raise CorruptionError(
-                        f"the store marker says replica {marker.replica_id} but the LMDB state says {recorded}",
-                        path=lmdb_dir,
-                        hint="the state belongs to another store; restore the store's own state directory",
-                    )
-                raise InvalidArgument(
-                    f"this store was created with replica_id {recorded}, not {replica_id}", key="replica_id", hint=f"open it with replica_id={recorded}"
-                )
-            self._wal = WriteAheadLog.recover(
-                wal_dir,
-                next_lsn=applied + 1,
-                fs=self._fs,
-                segment_bytes=segment_bytes,
-                sync_writes=self.durability == "sync",
-                existing=probe is not None,  # an initialised state needs its log: missing evidence is corruption
-                file_mode=file_mode,
-            )
-            with _gc_paused:  # replay builds many records: keep the collector out
-                self._check_replay(probe, applied)
-        finally:
-            if probe is not None:
-                probe.close()
-        if legacy_format is not None:  # validates the old state as it copies it; writes only state.migrating/
-            log.warning("store %s: migrating its LMDB state from format %d to %d", path, legacy_format, STATE_FORMAT)
-            _migrate.build(path, map_size=map_size, file_mode=file_mode, replica_id=replica_id)
-        # --- validated: from here on, opening changes files ----------------------------
-        if marker is None:
-            marker = Marker(replica_id, _layout.new_epoch())
-            _layout.write_marker(path, marker, file_mode, self._fs)
-            log.warning("store %s predates the store marker: marker written (replica %d, epoch %d)", path, replica_id, marker.epoch)
-        elif found.temp_marker:
-            self._fs.unlink(os.path.join(path, _layout.MARKER_TEMP))  # a crashed epoch change; the marker itself is whole
-        self._epoch = marker.epoch
-        if self._lock_fd < 0:
-            self._lock_fd = _layout.hold_lock_file(path, create=True, file_mode=file_mode)
-        _layout.write_holder(self._lock_fd)
-        # Creation order is marker, WAL (first segment durable), LMDB state (forced
-        # durable): an initialised state therefore proves its log existed.  The
-        # directories are missing only when creation never finished.
-        self._make_dir(wal_dir, file_mode)
-        self._wal.start()
-        if legacy_format is not None:
-            _migrate.swap(path, self._fs)
-        else:
-            _migrate.finish(path, self._fs)  # a migration a crash interrupted
-        self._make_dir(lmdb_dir, file_mode)
-        self._state = State(lmdb_dir, readonly=False, map_size=map_size, max_map_size=max_map_size, file_mode=file_mode, replica_id=replica_id, max_readers=self._max_readers)
-        if self._state.created:
-            self._state.sync()
-        elif self._state.replica_id() is None:  # a state made before replica ids were recorded with the format
-            self._state.set_replica_id(replica_id)
-        # Recovered frames may never have been fsynced ("none" mode before a crash):
-        # make them durable before LMDB, which must never be ahead of the durable WAL, gets them.
-        self._wal.sync()
-        with _gc_paused:
-            self._replay(applied)
-        self._state.sync()
-        self._wal.retire(self._wal.end_lsn)
-        ids = MessageIds(replica_id, self._clock, floor=self._state.last_msg_id())
-        self._writer = Writer(
-            self.path,
-            self._state,
-            self._wal,
-            ids,
-            durability=self.durability,
-            clock_ms=self._clock,
-            dedup_window_ms=self.dedup_window_ms,
-        )
-
-    def _make_dir(self, directory: str, file_mode: int) -> None:
-        if not os.path.isdir(directory):
-            _layout.make_dir(directory, file_mode)
-            self._fs.fsync_dir(self.path)
-
-    def _probe_state(self, lmdb_dir: str, map_size: int, max_map_size: int | None) -> State | None:
-        """The LMDB state opened read-only and lock-free (writing nothing), or None if it was never initialised.
-
-        Lock-free is safe here: we hold the store, so no writer runs.
-        """
-        try:
-            if os.path.getsize(os.path.join(lmdb_dir, "data.mdb")) == 0:
-                return None  # created by LMDB, never written: a crash while creating the store
-        except FileNotFoundError:
-            return None
-        probe = State(lmdb_dir, readonly=True, lock=False, map_size=map_size)
-        if not probe.initialised:
-            probe.close()
-            return None
-        used = (probe.env.info()["last_pgno"] + 1) * probe.env.stat()["psize"]
-        if max_map_size is not None and used > max_map_size:
-            probe.close()
-            raise InvalidArgument(
-                f"max_map_size={max_map_size} is smaller than the {used} bytes of data the store already holds",
-                key="max_map_size",
-                hint=f"open it with max_map_size >= {used}, or None (no limit)",
-            )
-        return probe
-
-    def _open_view(self, map_size: int) -> None:
-        """A read-only view: the LMDB state only, with a reader slot -- or lock-free on files it may not write."""
-        path = self.path
-        found = _layout.inspect(path)
-        if found.kind in ("missing", "empty"):
-            raise StoreNotFound(f"no store at {path}", path=path, hint="open it once without readonly=True to create it")
-        if found.kind == "legacy":
-            raise LayoutError(
-                f"the store at {path} was written by a syncstore before the store marker",
-                path=path,
-                hint="open it once without readonly=True: a writer adds the marker; nothing was changed",
-            )
-        _layout.check_access(path, write=False)
-        marker = _layout.read_marker(path, self._fs)
-        lmdb_dir = _migrate.live_state_dir(path)
-        data = os.path.join(lmdb_dir, "data.mdb")
-        if not os.path.isfile(data) or os.path.getsize(data) == 0:
-            raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
-        lock_file = os.path.join(lmdb_dir, "lock.mdb")
-        usable = os.access(lock_file, os.R_OK | os.W_OK) if os.path.exists(lock_file) else os.access(lmdb_dir, os.W_OK | os.X_OK)
-        if not usable:
-            # No write access to LMDB's lock file, so no reader slot: a writer could reuse
-            # the pages this view reads.  Hold the store shared instead, which keeps every
-            # writer out while the view is open (and refuses if one runs now).
-            dir_fd = _layout.lock_directory(path, shared=True)
-            try:
-                fd = _layout.hold_lock_file(path, create=False, shared=True)
-                if fd < 0:  # no LOCK file yet: keep holding the directory itself
-                    fd, dir_fd = dir_fd, -1
-                self._lock_fd = fd
-            finally:
-                if dir_fd >= 0:
-                    os.close(dir_fd)
-            self.lock_free = True
-            log.info("read-only view of %s in lock-free mode (no write access to %s): writers are kept out while it is open", path, lock_file)
-        self._state = State(lmdb_dir, readonly=True, lock=usable, map_size=map_size, max_readers=self._max_readers)
-        if not self._state.initialised:
-            raise StoreNotFound(f"the store at {path} was never completely created", path=path, hint="open it once without readonly=True to finish creating it")
-        if self._state.legacy:
-            raise LayoutError(
-                f"the store at {path} has LMDB state format {self._state.format}; this syncstore reads format {STATE_FORMAT}",
-                path=path,
-                hint=f"migrate it once: open it without readonly=True, or run `syncstore upgrade {path}`; nothing was changed",
-            )
-        self._epoch = marker.epoch
-
-    def _check_replay(self, probe: State | None, applied: int) -> None:
-        """Check that every WAL record after ``applied`` continues the state; apply nothing.
-
-        A CRC-valid record of an unknown type, with no recipient, or whose
-        cursors do not densely continue its recipients' heads cannot have
-        been written by this store: it is reported as corruption (file and
-        offset).  Only the pairs are decoded here (``_codec.deliver_pairs``);
-        :meth:`_replay` decodes each record once, when it applies it.
-        """
-        assert self._wal is not None
-        wal = self._wal
-        heads: dict[int, int] = {}  # users' heads as of the records checked so far
-        txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
-        head_of = probe.head_reader(txn) if probe is not None and txn is not None else (lambda uid: 0)
-        try:
-            for frame in wal.frames(applied, check_crc=False):  # recover() has just verified every CRC
-                if frame.rtype != RECORD_DELIVER:
-                    _decode_record(frame, wal)  # raises, naming the type, file and offset
-                pairs = _codec.deliver_pairs(frame.body, wal.segment_of(frame.lsn), frame.offset)
-                if not pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
-                    raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
-                for uid, cursor in pairs:
-                    head = heads[uid] if uid in heads else head_of(uid)
-                    if cursor != head + 1:
-                        raise CorruptionError(
-                            f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",
-                            path=wal.segment_of(frame.lsn),
-                            offset=frame.offset,
-                        )
-                    heads[uid] = cursor
-        finally:
-            if txn is not None:
-                txn.abort()
-
-    def _replay(self, applied: int) -> None:
-        """Apply the WAL records after ``applied`` (checked by :meth:`_check_replay`) to LMDB, in batches."""
-        assert self._wal is not None and self._state is not None
-        wal, state = self._wal, self._state
-        decode = _codec.decode_deliver
-        batch: list[Deliver] = []
-        last = applied
-        for frame in wal.frames(applied, check_crc=False):  # LSNs are dense: the k-th has LSN applied + k
-            batch.append(decode(frame.body))  # lengths already checked by _check_replay
-            if len(batch) >= _REPLAY_BATCH:
-                last += len(batch)
-                state.apply(batch, last)
-                batch = []
-        if batch:
-            last += len(batch)
-            state.apply(batch, last)
-        if last != applied:
-            log.info("replayed WAL records %d..%d into %s", applied + 1, last, self.path)
 
     # --- guards -------------------------------------------------------------------
 
@@ -885,16 +621,3 @@ class Store:
         state = "closed" if self._closed else ("read-only" if self.readonly else self.durability)
         return f"<syncstore.Store {self.path!r} {state}>"
 
-
-
-def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Deliver:
-    """The DELIVER record in ``frame``; errors name the segment file and the frame's offset."""
-    path = wal.segment_of(frame.lsn)
-    if frame.rtype != RECORD_DELIVER:
-        raise CorruptionError(
-            f"unknown WAL record type {frame.rtype} (LSN {frame.lsn})",
-            path=path,
-            offset=frame.offset,
-            hint="open it with the syncstore version that wrote it",
-        )
-    return _codec.decode_deliver(frame.body, path=path, offset=frame.offset)

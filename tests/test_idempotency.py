@@ -259,7 +259,7 @@ def test_a_conflict_in_the_last_chunk_is_found_before_the_first_chunk_is_written
         with pytest.raises(IdempotencyConflict) as raised:
             store.deliver_many(items)
         assert raised.value.msg_id == first.msg_id
-        assert written(store) == before and store._writer._claims == {}
+        assert written(store) == before and store._writer._idempotency._claims == {}
         results = store.deliver_many(items[:-1] + [(first_message(), [7, 9])])  # 3 chunks, all new but the retry
         assert [r.duplicate for r in results] == [False] * 10 + [True]
         assert store.head(9) == 11
@@ -298,7 +298,7 @@ def test_a_concurrent_delivery_of_a_key_claimed_by_a_later_chunk(store_path, no_
         def meanwhile(chunk):
             if chunk != 2:
                 return None
-            assert set(store._writer._claims) == {(7, 3), (7, 4), (7, 5), (7, 6)}
+            assert set(store._writer._idempotency._claims) == {(7, 3), (7, 4), (7, 5), (7, 6)}
             with pytest.raises(IdempotencyConflict) as raised:
                 store.deliver(first_message(seq=5, body=b"other"), to=[9])
             assert raised.value.key == (7, 5) and raised.value.msg_id is None
@@ -312,7 +312,7 @@ def test_a_concurrent_delivery_of_a_key_claimed_by_a_later_chunk(store_path, no_
         assert concurrent.cursors == {9: 3} and not concurrent.duplicate
         assert results[5] == Delivery(concurrent.msg_id, True, {9: 3})
         assert [m.body for m in store.sync(9).messages] == [b"m1", b"m2", b"m6", b"m3", b"m4", b"m5"]
-        assert store._writer._claims == {}
+        assert store._writer._idempotency._claims == {}
         store.check()
 
 
@@ -327,7 +327,7 @@ def test_claims_are_released_when_a_batch_fails_midway(store_path, no_background
         between_chunks(monkeypatch, fail)
         with pytest.raises(syncstore.StoreClosed):
             store.deliver_many([(first_message(seq=seq), [9]) for seq in range(1, 7)])
-        assert store._writer._claims == {}
+        assert store._writer._idempotency._claims == {}
         monkeypatch.undo()
         # The unwritten keys are free: other content for them is no conflict.
         assert not store.deliver(first_message(seq=5, body=b"other"), to=[9]).duplicate

@@ -20,7 +20,7 @@ import lmdb
 import pytest
 
 import syncstore
-from syncstore import CorruptionError, InvalidArgument, LayoutError, Message, StoreNotFound, SyncStoreError, _codec
+from syncstore import CorruptionError, InvalidArgument, LayoutError, Message, StoreNotFound, SyncStoreError, _codec, _open
 from syncstore._codec import encode_deliver, encode_frame
 from syncstore._layout import MARKER
 
@@ -82,7 +82,7 @@ def test_record_that_breaks_cursor_continuity_truncates_nothing(unapplied):
 
 def test_no_batch_is_applied_before_a_bad_record(unapplied, monkeypatch):
     """Replay in small batches: the batches before the bad record must not reach LMDB either."""
-    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", 2)
+    monkeypatch.setattr(_open, "_REPLAY_BATCH", 2)
     record = deliver_records(1, USER, first_seq=99, first_cursor=5)[0]  # a cursor already used
     append_frame(unapplied, 1, encode_deliver(record), torn_tail=False)
     refused(unapplied)
@@ -283,7 +283,7 @@ def test_readonly_view_of_a_legacy_store_is_refused_without_change(tmp_path):
 @pytest.mark.parametrize("batch", [1, 7, 29, 30, 31])
 def test_replay_in_batches_lands_every_record_in_order(unapplied, monkeypatch, batch):
     """Validation reads the log once, the apply once more, in transactions of _REPLAY_BATCH records: all land, in order."""
-    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", batch)
+    monkeypatch.setattr(_open, "_REPLAY_BATCH", batch)
     with syncstore.open(unapplied, segment_bytes=SEGMENT) as store:
         assert store.head(USER) == 30
         assert [m.client_seq for m in store.sync(USER, 0, 100).messages] == list(range(1, 31))
@@ -291,7 +291,7 @@ def test_replay_in_batches_lands_every_record_in_order(unapplied, monkeypatch, b
 
 
 def test_a_bad_record_after_many_good_ones_changes_nothing(unapplied, monkeypatch):
-    monkeypatch.setattr(syncstore.store, "_REPLAY_BATCH", 2)  # many apply transactions would follow: none may run
+    monkeypatch.setattr(_open, "_REPLAY_BATCH", 2)  # many apply transactions would follow: none may run
     record = deliver_records(1, USER, first_seq=99, first_cursor=40)[0]
     append_frame(unapplied, 1, encode_deliver(record))
     refused(unapplied)
