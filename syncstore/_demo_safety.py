@@ -67,7 +67,8 @@ def reused_keys(store: _store.Store, sent: Sequence[tuple[Message, Sequence[int]
 
 def _resync(store: _store.Store, uid: int, expected: Sequence[StoredMessage], epoch: int, fail: Fail) -> None:
     """A client that was told to reset reads everything again from 0; it must get exactly ``expected``."""
-    since, received = 0, []
+    since = 0
+    received: list[StoredMessage] = []
     while True:
         page = store.sync(uid, since=since, limit=PAGE_SIZE, epoch=epoch)
         if page.reset:

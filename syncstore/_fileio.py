@@ -33,7 +33,7 @@ class FileSystem:
             written = os.write(fd, view)
             view = view[written:]
 
-    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+    def pwrite(self, fd: int, data: bytes | bytearray, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (looping over short writes)."""
         view = memoryview(data)
         while view:

@@ -508,7 +508,7 @@ class State:
         if count <= 0:
             return [], head
         cursor.set_range_dup(user, pack_u64(since + 1))
-        entries = list(islice(cursor.iternext_dup(keys=False, values=True), count))
+        entries: list[bytes] = list(islice(cursor.iternext_dup(keys=False, values=True), count))  # type: ignore[arg-type]  # bytes: buffers=False
         if len(entries) != count or _u64.unpack_from(entries[-1])[0] != since + count:
             raise CorruptionError(f"user {uid}'s inbox cursors after {since} are not dense up to its head {head}", path=self.path, key=(uid, since))
         return self._with_messages(txn, entries, uid), head
@@ -522,11 +522,11 @@ class State:
                 if entry[8:16] not in ids:
                     cursor, msg_id = _codec.unpack_inbox_entry(entry)
                     raise CorruptionError(f"inbox entry references message {msg_id}, which is not stored", path=self.path, key=(uid, cursor))
-        return list(zip(entries, found))
+        return list(zip(entries, found))  # type: ignore[arg-type]  # bytes: read transactions use buffers=False
 
     def message(self, txn: lmdb.Transaction, msg_id: int) -> bytes | None:
         """The ``messages`` value of ``msg_id`` (head and body), or None."""
-        return txn.get(pack_u64(msg_id), db=self.messages)
+        return txn.get(pack_u64(msg_id), db=self.messages)  # type: ignore[return-value]  # bytes: buffers=False
 
     def scan_history(self, txn: lmdb.Transaction, uid: int, conv: int, before: int, limit: int) -> list[InboxRef]:
         """Up to ``limit`` inbox entries of ``uid`` in ``conv`` with cursor < ``before``, newest first, with their messages.
@@ -549,11 +549,11 @@ class State:
         cursors = list(islice(index.iterprev_dup(keys=False, values=True), limit))  # starts with the current one
         inbox = txn.cursor(db=self.inbox)
         user = pack_u64(uid)
-        entries = []
+        entries: list[bytes] = []
         for cursor in cursors:
             if not inbox.set_range_dup(user, cursor) or inbox.value()[:8] != cursor:
                 raise CorruptionError(f"history entry names cursor {unpack_u64(cursor)}, which the inbox lacks", path=self.path, key=(uid, conv))
-            entries.append(inbox.value())
+            entries.append(inbox.value())  # type: ignore[arg-type]  # bytes: buffers=False
         return self._with_messages(txn, entries, uid)
 
     # --- writes -------------------------------------------------------------------
@@ -596,7 +596,7 @@ class State:
             return
         cursor = txn.cursor(db=db)
         dup = name in _DUPFIXED_NAMES
-        append = dup or not cursor.last() or cursor.key() < items[0][0]
+        append = dup or not cursor.last() or bytes(cursor.key()) < items[0][0]
         replace = name == "dedup"
         added = 0
         for start in range(0, len(items), _PUT_SLICE):
@@ -651,7 +651,7 @@ class State:
                     txn.delete(msg_key, db=self.messages)
                     freed += 1
                 else:
-                    txn.put(msg_key, _codec.set_refs(value, refs - 1), db=self.messages)
+                    txn.put(msg_key, _codec.set_refs(bytes(value), refs - 1), db=self.messages)
             return freed
 
         return self._write(remove)

@@ -73,7 +73,7 @@ def _mark_forked() -> None:
     """
     global _open_paths_lock
     _open_paths_lock = threading.Lock()  # the parent's may be held by a thread that is gone
-    for store in list(_live_stores.data):  # the WeakSet's raw refs: iterating it may take no lock
+    for store in list(_live_stores.data):  # type: ignore[attr-defined]  # the WeakSet's raw refs: iterating it may take no lock
         store = store()
         if store is not None:
             store._forget_after_fork()
