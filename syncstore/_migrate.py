@@ -49,7 +49,7 @@ from ._layout import MARKER, STATE_DIR, make_dir, read_marker
 from .errors import CorruptionError
 from .state import STATE_FORMAT, State
 
-__all__ = ["MIGRATING_DIR", "LEGACY_DIR", "live_state_dir", "inspect", "finish", "build", "swap"]
+__all__ = ["MIGRATING_DIR", "LEGACY_DIR", "live_state_dir", "inspect", "leftovers", "finish", "build", "swap"]
 
 log = logging.getLogger("syncstore.migrate")
 
@@ -98,6 +98,11 @@ def inspect(store: str) -> tuple[int | None, int | None]:
         return state.format, replica if replica is not None else state.replica_id()
     finally:
         state.close()
+
+
+def leftovers(store: str) -> list[str]:
+    """The directories a migration interrupted by a crash left in ``store`` (empty if none): :func:`finish` deals with them."""
+    return [name for name in (MIGRATING_DIR, LEGACY_DIR) if os.path.isdir(os.path.join(store, name))]
 
 
 def finish(store: str, fs: FileSystem) -> None:

@@ -286,7 +286,7 @@ def open_view(path: str, opened: Opened, *, map_size: int, max_readers: int, fs:
         raise LayoutError(
             f"the store at {path} was written by a syncstore before the store marker",
             path=path,
-            hint="open it once without readonly=True: a writer adds the marker; nothing was changed",
+            hint=f"open it once without readonly=True, or run `syncstore upgrade {path}`: a writer adds the marker and migrates its LMDB state to the current format; nothing was changed",
         )
     _layout.check_access(path, write=False)
     marker = _layout.read_marker(path, fs)

@@ -10,6 +10,7 @@ verification failed), 2 bad arguments, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ from . import __version__
 from ._demo import DemoConfig, Progress, format_report, run_demo
 from .errors import SyncStoreError
 from ._migrate import inspect as inspect_state
-from .errors import StoreNotFound
+from ._migrate import leftovers
+from .errors import InvalidArgument, StoreLocked, StoreNotFound
 from .state import STATE_FORMAT
 from .store import open as open_store
 
@@ -126,8 +128,10 @@ Opening a store for writing migrates it anyway; this command does only that,
 for operators who want to migrate at a time of their choosing, or before
 opening the store read-only (read-only views refuse older formats).  The
 migration builds the new LMDB state beside the old one and swaps them, so a
-crash at any point loses nothing: run the command again.  It needs free space
-for a second copy of the state.  Nothing else may have the store open.
+crash at any point loses nothing: run the command again (it also finishes a
+migration that a crash interrupted).  It needs free space for the new state
+(smaller than the old one: bodies are stored once).  Nothing else may have the
+store open.  Progress and warnings are logged on stderr.
 
 example:
     syncstore upgrade /var/lib/im/store
@@ -135,14 +139,29 @@ example:
 
 
 def _cmd_upgrade(args: argparse.Namespace) -> int:
-    before, replica_id = inspect_state(args.path)
+    path = args.path
+    if not path:
+        raise InvalidArgument("the store path is empty", key="path", hint="pass the store's directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"{path} is not a directory: a store is a directory", path=path, key="path", hint="pass the store's directory")
+    before, replica_id = inspect_state(path)
     if before is None:
-        raise StoreNotFound(f"no store with an LMDB state at {args.path}", path=args.path, hint="check the path")
-    if before == STATE_FORMAT:
-        print(f"{args.path}: already at state format {STATE_FORMAT}; nothing to do")
+        raise StoreNotFound(f"no store at {path} (no LMDB state to migrate)", path=path, hint="check the path: a store is the directory that holds SYNCSTORE, wal/ and state/")
+    interrupted = leftovers(path)
+    if before == STATE_FORMAT and not interrupted:
+        print(f"{path}: already at state format {STATE_FORMAT}; nothing to do")
         return EXIT_OK
-    with open_store(args.path, create=False, replica_id=replica_id or 0) as store:
-        counts = store.check()
+    try:
+        with open_store(path, create=False, replica_id=replica_id or 0) as store:  # opening migrates, or finishes a migration
+            counts = store.check()
+    except StoreLocked as error:
+        raise StoreLocked(error.message, path=error.path, holder=error.holder, hint="stop the process that holds the store, then run the command again; nothing was changed") from None
+    if before == STATE_FORMAT:
+        print(f"{path}: finished a migration to state format {STATE_FORMAT} that was interrupted (removed {', '.join(interrupted)})")
+        return EXIT_OK
+    print(f"{path}: migrated from state format {before} to format {STATE_FORMAT} "
+          f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
+    return EXIT_OK
     print(f"{args.path}: migrated from state format {before} to format {STATE_FORMAT} "
           f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
     return EXIT_OK

@@ -291,3 +291,50 @@ def test_a_damaged_format_1_dedup_entry_is_refused(format1):
         syncstore.open(path)
     assert raised.value.key == (7, 40)
     assert format_of(path) == 1 and not (path / MIGRATING_DIR).exists()
+
+
+@pytest.mark.parametrize("left", ["after the first rename", "after the second rename"])
+def test_the_upgrade_command_finishes_a_migration_a_crash_interrupted(format2, left):
+    path = format2 / "format2-closed"
+    with open_f2(path):
+        pass  # migrated: state/ is format 3 now
+    (path / "state").rename(path / MIGRATING_DIR)  # what the swap leaves after its first rename ...
+    os.mkdir(path / LEGACY_DIR)  # ... with the old state beside it
+    if left == "after the second rename":
+        (path / MIGRATING_DIR).rename(path / "state")
+    done = subprocess.run([sys.executable, "-m", "syncstore.cli", "upgrade", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "finished a migration" in done.stdout
+    assert not {MIGRATING_DIR, LEGACY_DIR} & set(os.listdir(path)) and format_of(path) == 3
+    with syncstore.open(path, readonly=True) as view:
+        assert view.check()["messages"] == 200
+
+
+@pytest.mark.parametrize("where", ["", "a file", "not a store", "missing"])
+def test_the_upgrade_command_names_what_is_wrong_with_a_path(tmp_path, where):
+    target = {"": "", "a file": tmp_path / "f", "not a store": tmp_path / "d", "missing": tmp_path / "nope"}[where]
+    if where == "a file":
+        target.write_text("x")
+    elif where == "not a store":
+        target.mkdir()
+    done = subprocess.run([sys.executable, "-m", "syncstore.cli", "upgrade", str(target)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert {"": "path is empty", "a file": "is not a directory", "not a store": "no store at", "missing": "no store at"}[where] in done.stderr
+
+
+def test_the_upgrade_command_on_a_held_store_says_to_stop_the_holder(format2):
+    path = format2 / "format2-closed"
+    with open_f2(path):
+        done = subprocess.run([sys.executable, "-m", "syncstore.cli", "upgrade", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to do" in done.stdout  # migrated by the open above
+    (path / "state").rename(path / MIGRATING_DIR)
+    os.mkdir(path / LEGACY_DIR)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, syncstore; s = syncstore.open(sys.argv[1], dedup_window_ms=2**40); print('open', flush=True); sys.stdin.read()", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"open"
+        (path / LEGACY_DIR).mkdir()  # the holder finished the swap; make it look interrupted again
+        done = subprocess.run([sys.executable, "-m", "syncstore.cli", "upgrade", str(path)], capture_output=True, text=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1 and "stop the process that holds the store" in done.stderr and "readonly" not in done.stderr
