@@ -586,9 +586,10 @@ class State:
         Appends (MDB_APPEND, and MDB_APPENDDUP for the duplicate databases)
         fill each page before starting the next, instead of splitting pages
         half-full.  Inbox and history items always append: their cursors
-        continue each user's.  The other databases append when the whole
-        batch sorts after what they hold (the usual case: ids and times
-        grow), and are inserted into otherwise.  A dedup entry replaces an
+        continue each user's.  Messages and the expiry index append when the
+        whole batch sorts after what they hold (the usual case: ids and times
+        grow), and are inserted into otherwise; dedup entries are always
+        inserted (their keys are random anyway).  A dedup entry replaces an
         expired one of its key; every other item is new, and one that is not
         (LMDB refused it) means the state and the log disagree.
         """
@@ -596,8 +597,10 @@ class State:
             return
         cursor = txn.cursor(db=db)
         dup = name in _DUPFIXED_NAMES
-        append = dup or not cursor.last() or bytes(cursor.key()) < items[0][0]
         replace = name == "dedup"
+        # Never for dedup: a batch may hold two deliveries of one key (the first expired), and an
+        # append refuses -- skips -- the second, where an insert replaces the first with it.
+        append = dup or (not replace and (not cursor.last() or bytes(cursor.key()) < items[0][0]))
         added = 0
         for start in range(0, len(items), _PUT_SLICE):
             added += cursor.putmulti(items[start : start + _PUT_SLICE], dupdata=dup, overwrite=dup or replace, append=append)[1]

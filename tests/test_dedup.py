@@ -88,3 +88,23 @@ def test_duplicates_inside_one_batch(store_path):
 def assert_dedup_entries(path: str, options: dict, expected: int) -> None:
     with syncstore.open(path, **options) as store:
         assert store.check()["dedup_entries"] == expected
+
+
+def test_a_key_redelivered_after_expiry_in_the_same_apply_batch_keeps_its_new_entry(store_path, monkeypatch):
+    # Both deliveries of the key reach LMDB in one apply transaction, into an empty dedup
+    # database (where an append would be allowed): the later one must be what LMDB keeps.
+    from syncstore import _writer
+
+    monkeypatch.setattr(_writer, "APPLY_INTERVAL_S", {"sync": 3600.0, "interval": 3600.0, "none": 3600.0})
+    clock = FakeClock()
+    with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY) as store:
+        first = store.deliver(msg(1), to=[1])
+        clock.now += DAY + 1
+        later = store.deliver(msg(1, b"again"), to=[1])
+        assert later.msg_id != first.msg_id
+        store._writer.apply_pending()  # one batch: both records
+        assert len(store._writer.overlay) == 0
+        assert store.deliver(msg(1, b"again"), to=[1]) == syncstore.Delivery(later.msg_id, True, {1: 2})
+        store.check()
+    with syncstore.open(store_path, clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY) as store:
+        assert store.deliver(msg(1, b"again"), to=[1]) == syncstore.Delivery(later.msg_id, True, {1: 2})
