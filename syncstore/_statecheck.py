@@ -63,18 +63,14 @@ def _check_inboxes(state: State, txn: lmdb.Transaction) -> tuple[int, Counter[in
     history = txn.cursor(db=state.history)
     users = 0
     uid, expected = -1, 0  # the user whose entries are being read, and its last cursor seen
-    first: int | None
     for key, entry in txn.cursor(db=state.inbox):
         user = _u64.unpack(key)[0]
-        if user != uid:
-            uid, first = user, None
-            users += 1
         if len(entry) != _codec.INBOX_ENTRY_SIZE:
-            raise CorruptionError(f"inbox entry of {len(entry)} bytes", path=path, key=uid)
+            raise CorruptionError(f"inbox entry of {len(entry)} bytes", path=path, key=user)
         cursor, msg_id = unpack_inbox_entry(entry)
-        if first is None:  # the user's first entry: 1, or the first after a removed prefix
-            first = cursor
-            expected = max(cursor, 1) - 1
+        if user != uid:  # the user's first entry: cursor 1, or the first after a removed prefix
+            uid, expected = user, max(cursor, 1) - 1
+            users += 1
         if cursor != expected + 1:
             raise CorruptionError(f"user {uid}: cursor {cursor} follows {expected}", path=path, key=(uid, cursor))
         expected = cursor
