@@ -34,7 +34,7 @@ Record type 1, DELIVER (one message delivered to R recipients)::
     49+B    16*R  R pairs of (user id u64, cursor u64): the cursor assigned to
                   each recipient, so that replay never recomputes anything
 
-Message head (shared by the DELIVER record and the LMDB inbox value)::
+Message head (of the DELIVER record; the LMDB message value repeats its fields after msg_id)::
 
     0       8     msg_id
     8       8     sender
