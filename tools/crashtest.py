@@ -490,20 +490,22 @@ def run(kills: int, path: str, seed: int, durability: str = "sync", progress: bo
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    # On a terminal one line redrawn in place; in a log file a plain line every tenth of the run.
+    terminal = sys.stderr.isatty()
+    every = max(1, kills // 10)
     try:
         while harness.kills < kills and not harness.failures:
             harness.round()
-            if progress:
-                sys.stderr.write(
-                    f"\rkills {harness.kills}/{kills}  acks {harness.ack_lines}  keys {len(harness.known)}  failures {len(harness.failures)} "
-                )
+            if progress and (terminal or harness.kills % every == 0 or harness.kills == kills):
+                line = f"kills {harness.kills}/{kills}  acks {harness.ack_lines}  keys {len(harness.known)}  failures {len(harness.failures)}"
+                sys.stderr.write(f"\r{line} " if terminal else line + "\n")
                 sys.stderr.flush()
             if harness.runs > 2 * kills + 10:
                 harness.fail(f"only {harness.kills} kills in {harness.runs} rounds")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    if progress:
+    if progress and terminal:
         sys.stderr.write("\n")
     return harness
 
