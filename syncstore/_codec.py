@@ -225,7 +225,8 @@ def pack_pairs(pairs: Pairs) -> bytes:
     return _pairs_struct(len(pairs)).pack(*[n for pair in pairs for n in pair])
 
 
-def _unpack_pairs(data: bytes | memoryview, offset: int, count: int) -> Pairs:
+def unpack_pairs(data: bytes | memoryview, offset: int, count: int) -> Pairs:
+    """``count`` (user id, cursor) pairs packed at ``offset``, as :func:`pack_pairs` writes them."""
     flat = _pairs_struct(count).unpack_from(data, offset)
     return tuple(zip(flat[0::2], flat[1::2]))
 
@@ -372,7 +373,7 @@ def decode_deliver(body: bytes, path: str | None = None, offset: int | None = No
     if len(body) != fixed + blen + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
     msg_id, sender, conv, client_seq, ts_ms, priority = head
-    return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], _unpack_pairs(body, fixed + blen, count))
+    return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], unpack_pairs(body, fixed + blen, count))
 
 
 def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = None) -> Pairs:
@@ -387,7 +388,7 @@ def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = Non
     blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
     if len(body) != fixed + blen + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    return _unpack_pairs(body, fixed + blen, count)
+    return unpack_pairs(body, fixed + blen, count)
 
 
 def encode_message_value(record: Deliver) -> bytes:
@@ -448,4 +449,4 @@ def decode_dedup(value: bytes | memoryview) -> DedupEntry:
     msg_id, fingerprint, count = _dedup_head.unpack_from(value, 0)
     if len(value) != DEDUP_HEAD_SIZE + PAIR_SIZE * count:
         raise CorruptionError("dedup entry lengths do not add up")
-    return DedupEntry(msg_id, fingerprint, _unpack_pairs(value, DEDUP_HEAD_SIZE, count))
+    return DedupEntry(msg_id, fingerprint, unpack_pairs(value, DEDUP_HEAD_SIZE, count))

@@ -262,5 +262,4 @@ def _decode_dedup_v1(value: bytes, path: str, key: tuple[int, int]) -> tuple[int
     msg_id, count = _dedup_v1_head.unpack_from(value, 0)
     if len(value) != DEDUP_V1_HEAD_SIZE + _codec.PAIR_SIZE * count:
         raise CorruptionError("format-1 dedup entry lengths do not add up", path=path, key=key)
-    flat = struct.unpack_from(f">{2 * count}Q", value, DEDUP_V1_HEAD_SIZE)
-    return msg_id, tuple(zip(flat[0::2], flat[1::2]))
+    return msg_id, _codec.unpack_pairs(value, DEDUP_V1_HEAD_SIZE, count)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import gc
 import heapq
 import itertools
@@ -208,7 +209,8 @@ class Writer:
         with self.lock:
             self._check_writable()
             with self._state.read() as txn:
-                msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients, self._state.head_reader(txn))
+                # Most heads come from the overlay: the LMDB lookup (and its cursor) only when needed.
+                msg_id, duplicate, pairs, lsn = self._sequence(txn, message, recipients, functools.partial(self._state.head, txn))
             waiter = self._gate(lsn)
         self._await(waiter)
         self._sync_if_due()

@@ -457,17 +457,13 @@ class State:
 
     def head(self, txn: lmdb.Transaction, uid: int) -> int:
         """The user's latest applied cursor (0 if none): the cursor of its last inbox entry."""
-        if self.legacy:
-            value = txn.get(pack_u64(uid), db=self._legacy_heads)
-            return 0 if value is None else unpack_u64(value)
-        cursor = txn.cursor(db=self.inbox)
-        if not cursor.set_key(pack_u64(uid)):
-            return 0
-        cursor.last_dup()
-        return _u64.unpack_from(cursor.value())[0]
+        return self.head_reader(txn)(uid)
 
     def head_reader(self, txn: lmdb.Transaction) -> Callable[[int], int]:
-        """``head_of(uid)``: :meth:`head` in ``txn`` through one reused LMDB cursor (the sequencing hot path)."""
+        """``head_of(uid)``: :meth:`head` in ``txn`` through one reused LMDB cursor (for many lookups in one transaction)."""
+        if self.legacy:  # formats 1 and 2 kept heads in a database of their own
+            heads = self._legacy_heads
+            return lambda uid: unpack_u64(value) if (value := txn.get(pack_u64(uid), db=heads)) is not None else 0
         cursor = txn.cursor(db=self.inbox)
         set_key, last_dup, value, pack = cursor.set_key, cursor.last_dup, cursor.value, _u64.pack
         unpack = _u64.unpack_from
@@ -478,7 +474,7 @@ class State:
             last_dup()
             return unpack(value())[0]
 
-        return head_of if not self.legacy else (lambda uid: self.head(txn, uid))
+        return head_of
 
     def dedup_keys_present(self, txn: lmdb.Transaction, keys: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
         """Which of the idempotency keys ``keys`` have an applied dedup entry (expired ones included)."""
