@@ -28,6 +28,10 @@ _TEMPLATE = """
 import json, os, sys, traceback
 import syncstore, syncstore.cli, syncstore._demo, syncstore._layout
 from syncstore import Message
+try:  # py-lmdb 3 imports this at the first environment it opens: now, while the venv is readable
+    import lmdb._envid
+except ImportError:
+    pass
 
 def emit(**fields):
     print(json.dumps(fields), flush=True)
