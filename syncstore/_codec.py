@@ -43,6 +43,17 @@ Message head (of the DELIVER record; the LMDB message value repeats its fields a
     32      8     ts_ms (message timestamp, ms since the Unix epoch)
     40      1     priority (0..255)
 
+Record type 2, EXPIRE (dedup entries leaving the dedup window)::
+
+    0       4     N = number of expired idempotency keys (>= 1)
+    4       24*N  N triples (first-delivery ms u64, sender u64, client_seq u64):
+                  the ``dedup_expiry`` keys removed; each key's dedup entry is
+                  removed with it unless the key was delivered again since
+                  (its entry's msg_id then has another ms)
+
+Expiry is a record so that every change to the LMDB state is in the log: a
+follower or a snapshot delta replays it instead of guessing from its own clock.
+
 LMDB state format 3 (one body per message; key layout in ``state.py``).
 Message value, ``messages`` db, key msg_id u64 (stored once, however many recipients)::
 
@@ -116,7 +127,10 @@ _SYNCED_OFFSET = 9  # of the synced LSN within the payload (after LSN and record
 MAX_PAYLOAD = 1 << 30
 
 RECORD_DELIVER = 1
-RECORD_TYPES = frozenset({RECORD_DELIVER})
+RECORD_EXPIRE = 2
+RECORD_TYPES = frozenset({RECORD_DELIVER, RECORD_EXPIRE})
+#: The ``Change.kind`` of each record type (the stream's names; docs/format.md).
+RECORD_KINDS = {RECORD_DELIVER: "deliver", RECORD_EXPIRE: "expire"}
 
 # --- messages -----------------------------------------------------------------
 
@@ -152,6 +166,10 @@ _frame_lead = struct.Struct(FRAME_LEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
+EXPIRED_KEY_FMT = ">QQQ"  # first-delivery ms, sender, client_seq: a dedup_expiry key
+EXPIRED_KEY_SIZE = 24
+assert struct.calcsize(EXPIRED_KEY_FMT) == EXPIRED_KEY_SIZE
+_count = struct.Struct(">I")
 _stored_head = struct.Struct(STORED_HEAD_FMT)
 _refs = struct.Struct(">I")  # the first field of a message value
 _inbox_entry = struct.Struct(INBOX_ENTRY_FMT)
@@ -172,6 +190,19 @@ class Deliver(NamedTuple):
     priority: int
     body: bytes
     pairs: Pairs  # ((user id, cursor), ...)
+
+
+ExpiredKey = tuple[int, int, int]  # (first-delivery ms, sender, client_seq)
+
+
+class Expire(NamedTuple):
+    """A decoded EXPIRE record: the idempotency keys whose dedup window ended."""
+
+    keys: tuple[ExpiredKey, ...]
+
+
+#: Every decoded record kind.
+Record = Deliver | Expire
 
 
 class DedupEntry(NamedTuple):
@@ -389,6 +420,47 @@ def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = Non
     if len(body) != fixed + blen + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
     return unpack_pairs(body, fixed + blen, count)
+
+
+def encode_expire(record: Expire) -> bytes:
+    """Body of an EXPIRE record."""
+    flat = [n for key in record.keys for n in key]
+    return _count.pack(len(record.keys)) + struct.pack(f">{len(flat)}Q", *flat)
+
+
+def decode_expire(body: bytes, path: str | None = None, offset: int | None = None) -> Expire:
+    """Decode an EXPIRE record body; :class:`CorruptionError` if its length disagrees or it names no key."""
+    if len(body) < _count.size:
+        raise CorruptionError("EXPIRE record is shorter than its count", path=path, offset=offset)
+    (count,) = _count.unpack_from(body, 0)
+    if count == 0 or len(body) != _count.size + EXPIRED_KEY_SIZE * count:
+        raise CorruptionError("EXPIRE record lengths do not add up", path=path, offset=offset)
+    flat = struct.unpack_from(f">{3 * count}Q", body, _count.size)
+    return Expire(tuple(zip(flat[0::3], flat[1::3], flat[2::3])))
+
+
+def encode_unsealed(lsn: int, rtype: int, body: bytes) -> bytes:
+    """A frame of any record type whose synced LSN and CRC are still zero (see :func:`encode_deliver_unsealed`)."""
+    payload = _frame_lead.pack(lsn, rtype, 0) + body
+    return _frame_prefix.pack(len(payload), 0) + payload
+
+
+def encode_record(record: Record) -> tuple[int, bytes]:
+    """(record type, body) of a decoded record of any kind."""
+    if type(record) is Deliver:
+        return RECORD_DELIVER, encode_deliver(record)
+    return RECORD_EXPIRE, encode_expire(record)  # type: ignore[arg-type]
+
+
+def decode_record(rtype: int, body: bytes, lsn: int = 0, path: str | None = None, offset: int | None = None) -> Record:
+    """Decode a record body of type ``rtype``; :class:`CorruptionError` for an unknown type or bad lengths."""
+    if rtype == RECORD_DELIVER:
+        return decode_deliver(body, path, offset)
+    if rtype == RECORD_EXPIRE:
+        return decode_expire(body, path, offset)
+    raise CorruptionError(
+        f"unknown WAL record type {rtype} (LSN {lsn})", path=path, offset=offset, hint="open it with the syncstore version that wrote it"
+    )
 
 
 def encode_message_value(record: Deliver) -> bytes:

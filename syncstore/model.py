@@ -6,15 +6,17 @@ exist and ``deliver`` only has to check store-specific limits.
 
 from __future__ import annotations
 
+import base64
+
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple, overload
 
-from ._codec import STORED_HEAD_SIZE, Deliver, unpack_inbox_entry, unpack_stored_head
+from ._codec import STORED_HEAD_SIZE, Deliver, Expire, ExpiredKey, Record, unpack_inbox_entry, unpack_stored_head
 from .errors import InvalidArgument
 
-__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MessageRecord", "HistoryPage", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
+__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MessageRecord", "HistoryPage", "Change", "Delivered", "Expired", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
 
 MAX_U64 = (1 << 64) - 1
 
@@ -236,3 +238,83 @@ class HistoryPage:
     messages: Messages
     before: int
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The data of a ``"deliver"`` change: the message, and the cursor each recipient got (in delivery order)."""
+
+    message: MessageRecord
+    cursors: Mapping[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The data of an ``"expire"`` change: idempotency keys whose dedup window ended.
+
+    ``keys`` are ``(first-delivery ms, sender, client_seq)``: a retry of one of
+    them is a new delivery from now on.
+    """
+
+    keys: tuple[ExpiredKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One write of the change log, as ``Store.changes`` yields it.
+
+    ``lsn`` is its log sequence number (dense: each change is the previous
+    + 1); ``kind`` names the kind of write and ``data`` holds it:
+
+    ==========  ================================================================
+    kind        data
+    ==========  ================================================================
+    "deliver"   :class:`Delivered`: the message and every recipient's cursor
+    "expire"    :class:`Expired`: idempotency keys that left the dedup window
+    ==========  ================================================================
+
+    Later kinds of write add a kind and its data class, nothing else.
+    """
+
+    lsn: int
+    kind: str
+    data: Delivered | Expired
+
+    @classmethod
+    def of(cls, lsn: int, record: Record) -> Change:
+        """The change of a decoded WAL record."""
+        if type(record) is Deliver:
+            return cls(lsn, "deliver", Delivered(MessageRecord.from_record(record), MappingProxyType(dict(record.pairs))))
+        return cls(lsn, "expire", Expired(record.keys))  # type: ignore[union-attr]
+
+    def record(self) -> Record:
+        """The WAL record this change is (what a follower appends to its own log)."""
+        data = self.data
+        if type(data) is Delivered:
+            m = data.message
+            return Deliver(m.msg_id, m.sender, m.conv, m.client_seq, m.ts_ms, m.priority, m.body, tuple(data.cursors.items()))
+        return Expire(data.keys)  # type: ignore[union-attr]
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict (the body as UTF-8 text when it is, else base64; ``body_encoding`` says which)."""
+        data = self.data
+        if type(data) is Delivered:
+            m = data.message
+            try:
+                body, encoding = m.body.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                body, encoding = base64.b64encode(m.body).decode("ascii"), "base64"
+            return {
+                "lsn": self.lsn,
+                "kind": self.kind,
+                "msg_id": m.msg_id,
+                "sender": m.sender,
+                "conv": m.conv,
+                "client_seq": m.client_seq,
+                "ts_ms": m.ts_ms,
+                "priority": m.priority,
+                "body": body,
+                "body_encoding": encoding,
+                "cursors": {str(uid): cursor for uid, cursor in data.cursors.items()},
+            }
+        return {"lsn": self.lsn, "kind": self.kind, "keys": [list(key) for key in data.keys]}  # type: ignore[union-attr]
