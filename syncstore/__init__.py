@@ -27,6 +27,7 @@ from .errors import (
 )
 from .model import Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
 from ._layout import renew_epoch
+from .snapshot import SnapshotInfo, restore, snapshot_chain
 from .store import DURABILITY_MODES, Store, open
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "HistoryPage",
     "Messages",
     "DURABILITY_MODES",
+    "SnapshotInfo",
+    "snapshot_chain",
+    "restore",
     "SyncStoreError",
     "InvalidArgument",
     "StoreNotFound",

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from . import _layout, _open
+from . import snapshot as _snapshot
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA
 from ._writer import Writer
@@ -36,6 +37,7 @@ from .errors import (
     UsedAfterFork,
 )
 from .model import MAX_U64, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
+from .snapshot import SnapshotInfo
 from .state import DEFAULT_MAX_READERS, State
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
@@ -534,6 +536,32 @@ class Store:
         assert self._state is not None
         with self._state.read() as txn:
             return max(self._state.head(txn, user), pending_head)
+
+    # --- snapshots (issue 9; the logic lives in syncstore.snapshot) -------------------
+
+    def snapshot(self, dest_dir: str | os.PathLike[str], *, full: bool = False) -> SnapshotInfo:
+        """Write a point-in-time snapshot of the state into ``dest_dir``; return its :class:`SnapshotInfo`.
+
+        The first snapshot into a directory is a full *base*; later ones are
+        *deltas* holding only the items changed since the previous snapshot
+        there, found from the WAL.  ``full=True`` writes a new base, which
+        replaces (collapses) the directory's chain; so does a snapshot whose
+        delta the WAL can no longer give (its segments were retired) --
+        ``info.reason`` says so.  The snapshot is exactly the state at
+        ``info.lsn``: a writable store first applies every durable record,
+        so that is the current durable LSN; a read-only view (another
+        process than the writer, ``syncstore snapshot``) snapshots what the
+        writer has applied.  Reads happen in short LMDB transactions, never
+        one long one.  Nothing new is written when nothing was applied since
+        the directory's newest snapshot (that one is returned).  The store
+        notes the directory (see :func:`syncstore.snapshot.newest_snapshot`).
+        Layout and guarantees: docs/format.md and docs/design.md, "Snapshots".
+        """
+        self._check_usable()
+        if self._writer is not None:
+            self._writer.apply_pending()
+        assert self._state is not None
+        return _snapshot.take(self._state, os.path.join(self.path, _layout.WAL_DIR), dest_dir, store_path=self.path, full=full, fs=self._fs)
 
     # --- verification and lifecycle -------------------------------------------------
 
