@@ -180,7 +180,8 @@ def _fill(state: State, files: Iterable[tuple[str, ChainEntry]], manifest: Manif
                 if pending >= _TXN_ROWS:
                     txn.commit()
                     txn, pending = env.begin(write=True), 0
-        txn.put(_APPLIED, pack_u64(last.lsn), db=state.meta)
+        if last.lsn:  # a store that never applied a record has no applied_lsn key (it reads as 0)
+            txn.put(_APPLIED, pack_u64(last.lsn), db=state.meta)
         if last.last_msg_id:
             txn.put(_LAST_ID, pack_u64(last.last_msg_id), db=state.meta)
         txn.commit()

@@ -55,8 +55,9 @@ log = logging.getLogger("syncstore.snapshot")
 #: items holds a transaction open for ~2 ms (docs/design.md, "Snapshots", has the measurements).
 CHUNK_ROWS = 4_096
 CHUNK_BYTES = 4 << 20
-#: Rounds of re-reads in short transactions before the last one reads whatever is left.
-_MAX_ROUNDS = 8
+#: Rounds of re-reads in short transactions before the last one reads whatever is left (each round
+#: re-reads what the writers touched during the one before, so they shrink unless writes keep pace).
+_MAX_ROUNDS = 32
 #: Attempts at a base before giving up because the log was retired under it faster than it read.
 _BASE_ATTEMPTS = 3
 #: The store's record of where its snapshots were written (in the store directory).
@@ -274,11 +275,13 @@ def _reread(context: _Context, out: SnapWriter, changes: _Changes) -> tuple[int,
     the records up to it -- there the state cannot move.
     """
     state = context.state
+    previous = None
     for _round in range(_MAX_ROUNDS):
         items = changes.take()
-        if len(items) <= CHUNK_ROWS:
-            changes.items.update(items)
+        if len(items) <= CHUNK_ROWS or (previous is not None and len(items) >= previous):
+            changes.items.update(items)  # few left, or the writers keep pace: more rounds would not help
             break
+        previous = len(items)
         for start in range(0, len(items), CHUNK_ROWS):
             with state.read() as txn:
                 applied = state.applied_lsn(txn)
