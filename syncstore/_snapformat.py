@@ -15,7 +15,7 @@ a header, blocks of rows, a trailer::
     12      2     replica id of the source store
     14      2     reserved, 0
     16      8     LSN: the snapshot is the state with every WAL record up to this LSN applied
-    24      8     previous LSN: the LSN of the snapshot this delta applies on; 0 for a base
+    24      8     previous LSN: the LSN of the snapshot this delta applies on (< LSN); 0 for a base
     32      8     epoch of the source store
     40      4     CRC-32C of bytes 0..39
 
@@ -217,7 +217,7 @@ def decode_header(data: bytes, path: str | None = None) -> Header:
         raise CorruptionError(f"snapshot file kind {kind} is neither base (1) nor delta (2)", path=path, offset=10)
     if reserved or reserved2:
         raise CorruptionError("snapshot file header has non-zero reserved bytes", path=path, offset=11 if reserved else 14)
-    if (kind == BASE) != (prev_lsn == 0) or (kind == DELTA and prev_lsn >= lsn):
+    if (kind == BASE and prev_lsn != 0) or (kind == DELTA and prev_lsn >= lsn):  # a delta may follow a base at LSN 0
         raise CorruptionError(f"snapshot {KIND_NAMES[kind]} at LSN {lsn} names previous LSN {prev_lsn}", path=path, offset=24)
     return Header(kind, replica_id, lsn, prev_lsn, epoch)
 

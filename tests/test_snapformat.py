@@ -266,3 +266,9 @@ def test_record_file_round_trip(epoch, snapshots):
     assert data[:8] == b"SSSREC\r\n"
     with pytest.raises(CorruptionError):
         fmt.decode_manifest(data)  # a record is not a manifest: the magics differ
+
+
+def test_a_delta_may_follow_a_base_at_lsn_zero():
+    header = Header(DELTA, 0, 1, 0, 9)  # an empty store's base is at LSN 0
+    assert fmt.decode_header(fmt.encode_header(header)) == header
+    assert fmt.parse_file_name(fmt.file_name(DELTA, 1, 0)) == (DELTA, 1, 0)
