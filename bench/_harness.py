@@ -310,6 +310,20 @@ SECTIONS: dict[str, Section] = {
             targets=(Target("max gap ms", 150, higher_is_better=False),),
             note="promise: 100 ms after the write, plus the write in progress when the timer falls due",
         ),
+        Section(  # issue 9
+            "snapshot",
+            "full snapshot (base) of a store's state vs copying its LMDB file with env.copy(compact=True), same store, same run",
+            "MB/s",
+            note="MB/s: the LMDB state's used bytes per second; 'longest txn ms': the longest read transaction the copy held open",
+        ),
+        Section(  # issue 9
+            "snapshot delta",
+            "delta snapshot after 1% of users received messages, vs the full snapshot of the same store",
+            "delta % of full",
+            higher_is_better=False,
+            targets=(Target("delta % of full", 5, higher_is_better=False),),
+        ),
+        Section("restore", "restore a base + one delta into a new store (every file checked first, then built, then check())", "MB/s"),  # issue 9
         Section(
             "memory",
             "memory: ingest with deliver_many into a fresh store (subprocess)",

@@ -80,6 +80,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import zstandard
@@ -174,6 +175,7 @@ _BASE_NAME = re.compile(r"base-(\d{20})\.snap")
 _DELTA_NAME = re.compile(r"delta-(\d{20})-(\d{20})\.snap")
 
 Row = tuple[int, int, bytes, bytes]  # (op, database id, key, value or duplicate)
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 # --- header and trailer ----------------------------------------------------------------
@@ -282,6 +284,22 @@ class RowBuffer:
         self.count += 1
         self.puts += 1
 
+    def put_all(self, db: int, items: list[tuple[bytes, bytes]]) -> None:
+        """A put row for each ``(key, value)`` of ``items`` (a scanned chunk), encoded in one pass."""
+        if not items:
+            return
+        klens, vlens = set(map(len, map(_first, items))), set(map(len, map(_second, items)))  # C loops
+        if len(klens) == 1 and len(vlens) == 1:  # fixed-size rows: one head serves them all
+            head = _row_head.pack(PUT, db, klens.pop(), vlens.pop())
+            raw = head + head.join([k + v for k, v in items])
+        else:
+            pack = _row_head.pack
+            raw = b"".join([part for k, v in items for part in (pack(PUT, db, len(k), len(v)), k, v)])
+        self._parts.append(raw)
+        self.size += len(raw)
+        self.count += len(items)
+        self.puts += len(items)
+
     def delete(self, db: int, key: bytes, dup: bytes = b"") -> None:
         """A delete row: of ``key`` (plain databases) or of one duplicate ``dup`` of ``key``."""
         self._parts += (_row_head.pack(DELETE, db, len(key), len(dup)), key, dup)
@@ -339,28 +357,44 @@ def decode_block(
 
 
 def decode_rows(raw: bytes, count: int, path: str | None = None, offset: int = 0) -> list[Row]:
-    """``count`` rows filling ``raw`` exactly (``offset``: the block's, for errors)."""
+    """``count`` rows filling ``raw`` exactly (``offset``: the block's, for errors).
+
+    Consecutive rows with the same 8-byte head (fixed-size items of one
+    database: inbox and history duplicates, expiry keys) are a *run*: its
+    head is checked once and its rows sliced out in one pass.
+    """
     rows: list[Row] = []
     pos, end = 0, len(raw)
-    unpack = _row_head.unpack_from
-    for _ in range(count):
+    while len(rows) < count:
         if pos + ROW_HEAD_SIZE > end:
             raise CorruptionError(f"snapshot block holds fewer than its {count} rows", path=path, offset=offset)
-        op, db, klen, vlen = unpack(raw, pos)
-        start = pos + ROW_HEAD_SIZE
-        stop = start + klen + vlen
-        if op != PUT and op != DELETE or db not in DB_NAMES or not 1 <= klen <= MAX_KEY or stop > end:
-            raise CorruptionError(f"snapshot row {len(rows)} of the block is malformed (op {op}, database {db}, key {klen} B, value {vlen} B)", path=path, offset=offset)
-        if db in _DUP_IDS:
-            if not 1 <= vlen <= MAX_KEY:
-                raise CorruptionError(f"snapshot row {len(rows)} of the block has a {vlen}-byte duplicate", path=path, offset=offset)
-        elif op == DELETE and vlen:
-            raise CorruptionError(f"snapshot row {len(rows)} of the block deletes with a value", path=path, offset=offset)
-        rows.append((op, db, raw[start : start + klen], raw[start + klen : stop]))
+        head = raw[pos : pos + ROW_HEAD_SIZE]
+        op, db, klen, vlen = _row_head.unpack(head)
+        _check_row(op, db, klen, vlen, len(rows), path, offset)
+        size = ROW_HEAD_SIZE + klen + vlen
+        stop, left = pos + size, count - len(rows) - 1
+        if stop > end:
+            raise CorruptionError(f"snapshot row {len(rows)} of the block runs past its end", path=path, offset=offset)
+        while left and stop + size <= end and raw[stop : stop + ROW_HEAD_SIZE] == head:  # the run goes on
+            stop += size
+            left -= 1
+        key_at, value_at = ROW_HEAD_SIZE, ROW_HEAD_SIZE + klen
+        rows += [(op, db, raw[p + key_at : p + value_at], raw[p + value_at : p + size]) for p in range(pos, stop, size)]
         pos = stop
     if pos != end:
         raise CorruptionError(f"snapshot block has {end - pos} bytes after its {count} rows", path=path, offset=offset)
     return rows
+
+
+def _check_row(op: int, db: int, klen: int, vlen: int, index: int, path: str | None, offset: int) -> None:
+    """CorruptionError unless a row head is one a writer makes."""
+    if (op != PUT and op != DELETE) or db not in DB_NAMES or not 1 <= klen <= MAX_KEY:
+        raise CorruptionError(f"snapshot row {index} of the block is malformed (op {op}, database {db}, key {klen} B)", path=path, offset=offset)
+    if db in _DUP_IDS:
+        if not 1 <= vlen <= MAX_KEY:
+            raise CorruptionError(f"snapshot row {index} of the block has a {vlen}-byte duplicate", path=path, offset=offset)
+    elif op == DELETE and vlen:
+        raise CorruptionError(f"snapshot row {index} of the block deletes with a value", path=path, offset=offset)
 
 
 # --- file names -------------------------------------------------------------------------

@@ -82,8 +82,8 @@ class LogReader:
                     f"the WAL no longer holds LSN {after + 1} (its oldest segment starts at {oldest})", path=self.directory
                 )
             first = max(starts)
-            offset, lsn = SEGMENT_HEADER_SIZE, first
             self._check_header(first)
+            offset, lsn = self._skip(first, after + 1)
         while lsn <= upto:
             frame = self._frame(first, offset)
             if frame is None:  # the end of this segment's frames: the next segment starts at `lsn`
@@ -101,6 +101,30 @@ class LogReader:
             self._at = (first, offset, lsn)
             if frame.lsn > after:
                 yield frame
+
+    def _skip(self, first: int, target: int) -> tuple[int, int]:
+        """(offset, LSN) of frame ``target`` in segment ``first``, or of the segment's end if it ends before.
+
+        Walks the length words only -- no CRC, no decoding -- so finding the
+        first record a delta needs costs ~0.2 us per earlier frame of its
+        segment; the frame it lands on is then read and checked in full
+        (its CRC, and that its LSN is ``target``).
+        """
+        fd = self._fds[first]
+        offset, lsn = SEGMENT_HEADER_SIZE, first
+        start, data = offset, b""
+        while lsn < target:
+            at = offset - start
+            if at + FRAME_PREFIX_SIZE > len(data):
+                start, data, at = offset, os.pread(fd, _READ, offset), 0
+                if len(data) < FRAME_PREFIX_SIZE:
+                    break
+            length = int.from_bytes(data[at : at + 4], "big")
+            if length == 0:
+                break
+            offset += FRAME_PREFIX_SIZE + length
+            lsn += 1
+        return offset, lsn
 
     def _check_header(self, first: int) -> None:
         path = self._paths[first]

@@ -34,6 +34,9 @@ import logging
 import os
 from typing import Any
 
+from itertools import islice
+from operator import itemgetter
+
 import lmdb
 
 from . import _codec, _layout
@@ -55,6 +58,8 @@ log = logging.getLogger("syncstore.snapshot")
 #: items holds a transaction open for ~2 ms (docs/design.md, "Snapshots", has the measurements).
 CHUNK_ROWS = 4_096
 CHUNK_BYTES = 4 << 20
+_STEP = 64  # items taken at a time while a chunk is read (its bytes are checked between steps)
+_value = itemgetter(1)
 #: Rounds of re-reads in short transactions before the last one reads whatever is left (each round
 #: re-reads what the writers touched during the one before, so they shrink unless writes keep pace).
 _MAX_ROUNDS = 32
@@ -227,27 +232,36 @@ class _Changes:
 
 
 def _scan(context: _Context, name: str, out: SnapWriter, changes: _Changes) -> None:
-    """Write every item of database ``name`` as a put, reading it in chunks of short transactions."""
+    """Write every item of database ``name`` as a put, reading it in chunks of short transactions.
+
+    Inside a transaction only LMDB's own iteration runs (``islice`` over
+    ``iternext``, in C); the chunk is encoded after the transaction ends.
+    """
     state, db, db_id, dup = context.state, context.dbs[name], DB_IDS[name], name in DUP_DBS
-    put = out.rows.put
     last: tuple[bytes, bytes] | None = None
     while True:
-        count = size = 0
+        items: list[tuple[bytes, bytes]] = []
+        ended = True
         with state.read() as txn:
             applied = state.applied_lsn(txn)
             cursor = txn.cursor(db=db)
             if _seek_after(cursor, last, dup):
-                for key, value in cursor.iternext():  # bytes: read transactions use buffers=False
-                    put(db_id, key, value)  # type: ignore[arg-type]
-                    count += 1
-                    size += len(value)
-                    if count >= CHUNK_ROWS or size >= CHUNK_BYTES:
-                        last = (key, value)  # type: ignore[assignment]
+                found = cursor.iternext()
+                size = 0
+                while len(items) < CHUNK_ROWS and size < CHUNK_BYTES:
+                    batch: list[tuple[bytes, bytes]] = list(islice(found, _STEP))  # type: ignore[arg-type]  # bytes: buffers=False
+                    items += batch
+                    size += sum(map(len, map(_value, batch)))
+                    if len(batch) < _STEP:
                         break
+                else:
+                    ended = False
+        out.rows.put_all(db_id, items)
         out.flush()
         changes.collect(applied)  # the WAL, read outside the transaction
-        if count < CHUNK_ROWS and size < CHUNK_BYTES:
+        if ended:
             return
+        last = items[-1]
 
 
 def _seek_after(cursor: lmdb.Cursor, last: tuple[bytes, bytes] | None, dup: bool) -> bool:
