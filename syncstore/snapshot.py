@@ -249,10 +249,11 @@ def _scan(context: _Context, name: str, out: SnapWriter, changes: _Changes) -> N
                 found = cursor.iternext()
                 size = 0
                 while len(items) < CHUNK_ROWS and size < CHUNK_BYTES:
-                    batch: list[tuple[bytes, bytes]] = list(islice(found, _STEP))  # type: ignore[arg-type]  # bytes: buffers=False
+                    step = min(_STEP, CHUNK_ROWS - len(items))
+                    batch: list[tuple[bytes, bytes]] = list(islice(found, step))  # type: ignore[arg-type]  # bytes: buffers=False
                     items += batch
                     size += sum(map(len, map(_value, batch)))
-                    if len(batch) < _STEP:
+                    if len(batch) < step:
                         break
                 else:
                     ended = False
