@@ -110,6 +110,7 @@ __all__ = [
     "decode_trailer",
     "encode_manifest",
     "decode_manifest",
+    "Recorded",
     "encode_record_file",
     "decode_record_file",
     "file_name",
@@ -546,21 +547,37 @@ def decode_manifest(data: bytes, path: str | None = None) -> Manifest:
     return Manifest(replica_id, epoch, tuple(entries))
 
 
-def encode_record_file(epoch: int, snapshots: dict[str, int]) -> bytes:
-    """The store's ``SNAPSHOTS`` record: its epoch and, per snapshot directory, the newest LSN written there."""
-    listed = [{"dir": directory, "lsn": lsn} for directory, lsn in sorted(snapshots.items())]
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A store's note about one snapshot directory: its newest LSN there, and where the next record is in the WAL."""
+
+    lsn: int
+    wal: tuple[int, int] | None = None  # (segment first LSN, byte offset) of WAL record lsn + 1: a hint, checked when used
+
+
+def encode_record_file(epoch: int, snapshots: dict[str, Recorded]) -> bytes:
+    """The store's ``SNAPSHOTS`` record: its epoch and, per snapshot directory, what :class:`Recorded` holds."""
+    listed = []
+    for directory, recorded in sorted(snapshots.items()):
+        item: dict[str, Any] = {"dir": directory, "lsn": recorded.lsn}
+        if recorded.wal is not None:
+            item["wal"] = list(recorded.wal)
+        listed.append(item)
     return _encode_envelope(RECORD_MAGIC, {"epoch": epoch, "snapshots": listed})
 
 
-def decode_record_file(data: bytes, path: str | None = None) -> tuple[int, dict[str, int]]:
-    """(epoch, {directory: newest LSN}) of a ``SNAPSHOTS`` record."""
+def decode_record_file(data: bytes, path: str | None = None) -> tuple[int, dict[str, Recorded]]:
+    """(epoch, {directory: Recorded}) of a ``SNAPSHOTS`` record."""
     document = _decode_envelope(RECORD_MAGIC, "snapshot record", data, path)
     if type(document) is not dict or type(document.get("snapshots")) is not list:
         raise CorruptionError("snapshot record lacks its list", path=path, offset=ENVELOPE_SIZE)
     epoch = _u64_field(document, "epoch", "snapshot record", path)
-    snapshots: dict[str, int] = {}
+    snapshots: dict[str, Recorded] = {}
     for item in document["snapshots"]:
         if type(item) is not dict or type(item.get("dir")) is not str:
             raise CorruptionError("snapshot record entry lacks its directory", path=path, offset=ENVELOPE_SIZE)
-        snapshots[item["dir"]] = _u64_field(item, "lsn", "snapshot record entry", path)
+        wal = item.get("wal")
+        if wal is not None and (type(wal) is not list or len(wal) != 2 or not all(type(n) is int and 0 <= n <= _U64_MAX for n in wal)):
+            raise CorruptionError("snapshot record entry has a malformed WAL position", path=path, offset=ENVELOPE_SIZE)
+        snapshots[item["dir"]] = Recorded(_u64_field(item, "lsn", "snapshot record entry", path), None if wal is None else (wal[0], wal[1]))
     return epoch, snapshots

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from . import _codec
 from ._codec import FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._layout import permission_denied
 from .errors import CorruptionError, SyncStoreError
 
 __all__ = ["LogReader", "LogRetired"]
@@ -56,6 +57,8 @@ class LogReader:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             names = []
+        except PermissionError as error:
+            raise permission_denied(error, "read and search (r-x) access to the WAL directory, to read the records a snapshot needs") from None
         for name in names:
             first = _segment_first_lsn(name)
             if first is None or first in self._fds:
@@ -65,6 +68,8 @@ class LogReader:
                 self._fds[first] = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # retired between the listing and the open
                 continue
+            except PermissionError as error:
+                raise permission_denied(error, "read access to the WAL segments, to read the records a snapshot needs") from None
             self._paths[first] = path
 
     def frames(self, after: int, upto: int) -> Iterator[Frame]:
@@ -101,6 +106,45 @@ class LogReader:
             self._at = (first, offset, lsn)
             if frame.lsn > after:
                 yield frame
+
+    def position(self, after: int) -> tuple[int, int] | None:
+        """(segment first LSN, offset) where frame ``after + 1`` starts (or will), or None if the log no longer reaches it.
+
+        Kept by a snapshot so that the next delta starts reading right
+        there (:meth:`resume`) instead of walking its segment from the start.
+        """
+        if self._at is not None and self._at[2] == after + 1:
+            return self._at[0], self._at[1]
+        try:
+            self.refresh()
+            starts = [f for f in self._fds if f <= after + 1]
+            if not starts:
+                return None
+            first = max(starts)
+            offset, lsn = self._skip(first, after + 1)
+        except (OSError, SyncStoreError):  # only a hint: a view that may not read the WAL goes without
+            return None
+        return (first, offset) if lsn == after + 1 else None
+
+    def resume(self, after: int, first: int, offset: int) -> bool:
+        """Continue after LSN ``after`` at a remembered :meth:`position`, if frame ``after + 1`` really is there.
+
+        The frame found there must pass its CRC and carry LSN ``after + 1``
+        (LSNs are unique in a log), so a stale or foreign position is
+        harmless: it is ignored (False) and :meth:`frames` finds the record
+        from the segment's start.
+        """
+        self.refresh()
+        if first not in self._fds:
+            return False
+        try:
+            frame = self._frame(first, offset)
+        except (CorruptionError, OSError):
+            return False
+        if frame is None or frame.lsn != after + 1:
+            return False
+        self._at = (first, offset, after + 1)
+        return True
 
     def _skip(self, first: int, target: int) -> tuple[int, int]:
         """(offset, LSN) of frame ``target`` in segment ``first``, or of the segment's end if it ends before.

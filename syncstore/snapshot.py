@@ -105,14 +105,18 @@ def take(state: State, wal_dir: str, dest_dir: str | os.PathLike[str], *, store_
         _remove_leftovers(fs, dest, manifest)
         context = _Context(state, fs, dest, file_mode, marker.replica_id, marker.epoch)
         with LogReader(wal_dir) as wal:
+            hint = _recorded(store_path, marker.epoch).get(dest)
+            if manifest is not None and hint is not None and hint.wal is not None and hint.lsn == manifest.chain[-1].lsn:
+                wal.resume(hint.lsn, *hint.wal)  # checked there; a wrong hint is ignored
             info, chain = _write(context, wal, manifest, full)
+            position = wal.position(info.lsn)
         if chain is not None:
             write_manifest(fs, dest, Manifest(marker.replica_id, marker.epoch, chain), file_mode)
             if manifest is not None and chain[0] != manifest.chain[0]:  # a new base: the old chain goes
                 _remove_leftovers(fs, dest, Manifest(marker.replica_id, marker.epoch, chain))
     finally:
         os.close(lock)
-    _record(fs, store_path, dest, info.lsn, marker.epoch, file_mode)
+    _record(fs, store_path, dest, fmt.Recorded(info.lsn, position), marker.epoch, file_mode)
     return info
 
 
@@ -352,8 +356,22 @@ def snapshot_chain(dest_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     return [] if manifest is None else [SnapshotInfo.of(directory, entry) for entry in manifest.chain]
 
 
-def _record(fs: FileSystem, store_path: str, dest: str, lsn: int, epoch: int, file_mode: int) -> None:
-    """Note in the store's ``SNAPSHOTS`` record that ``dest`` holds a snapshot at ``lsn`` (atomically replaced).
+def _recorded(store_path: str, epoch: int) -> dict[str, fmt.Recorded]:
+    """The store's record of its snapshot directories (empty if missing, damaged, or of another epoch)."""
+    path = os.path.join(store_path, RECORD_FILE)
+    try:
+        with open(path, "rb") as f:
+            recorded_epoch, snapshots = fmt.decode_record_file(f.read(1 << 20), path)
+    except FileNotFoundError:
+        return {}
+    except (OSError, SyncStoreError) as error:
+        log.warning("store %s: its snapshot record cannot be read and will be replaced: %s", store_path, error)
+        return {}
+    return snapshots if recorded_epoch == epoch else {}  # another epoch: recorded before the history was rewound
+
+
+def _record(fs: FileSystem, store_path: str, dest: str, recorded: fmt.Recorded, epoch: int, file_mode: int) -> None:
+    """Note in the store's ``SNAPSHOTS`` record that ``dest`` holds a snapshot at ``recorded.lsn`` (atomically replaced).
 
     Best effort: a process that may not write the store directory (a
     read-only operator) logs a warning; the snapshot itself is complete.
@@ -361,22 +379,13 @@ def _record(fs: FileSystem, store_path: str, dest: str, lsn: int, epoch: int, fi
     last rename wins); the snapshot directories stay authoritative.
     """
     path, temp = os.path.join(store_path, RECORD_FILE), os.path.join(store_path, RECORD_TEMP)
-    snapshots: dict[str, int] = {}
-    try:
-        with open(path, "rb") as f:
-            recorded_epoch, snapshots = fmt.decode_record_file(f.read(1 << 20), path)
-        if recorded_epoch != epoch:
-            snapshots = {}  # recorded before the store's history was rewound
-    except FileNotFoundError:
-        pass
-    except SyncStoreError as error:
-        log.warning("store %s: its snapshot record is damaged and is replaced: %s", store_path, error)
-    snapshots[dest] = lsn
-    keep = sorted(snapshots.items(), key=lambda item: item[1])[-_RECORD_KEEP:]
+    snapshots = _recorded(store_path, epoch)
+    snapshots[dest] = recorded
+    keep = dict(sorted(snapshots.items(), key=lambda item: item[1].lsn)[-_RECORD_KEEP:])
     try:
         fd = _layout.create_file(fs, temp, os.O_WRONLY | os.O_TRUNC, file_mode)
         try:
-            fs.pwrite(fd, fmt.encode_record_file(epoch, dict(keep)), 0)
+            fs.pwrite(fd, fmt.encode_record_file(epoch, keep), 0)
             fs.fsync(fd)
         finally:
             fs.close(fd)

@@ -259,11 +259,18 @@ def test_manifest_chains_that_cannot_be_are_refused(chain):
         fmt.decode_manifest(_manifest_with(chain), "MANIFEST")
 
 
-@given(U64, st.dictionaries(st.text(min_size=1, max_size=30), U64, max_size=8))
+RECORDED = st.builds(fmt.Recorded, U64, st.one_of(st.none(), st.tuples(U64, U64)))
+
+
+@given(U64, st.dictionaries(st.text(min_size=1, max_size=30), RECORDED, max_size=8))
 def test_record_file_round_trip(epoch, snapshots):
     data = fmt.encode_record_file(epoch, snapshots)
     assert fmt.decode_record_file(data) == (epoch, snapshots)
     assert data[:8] == b"SSSREC\r\n"
+    listed = json.loads(data[16:-4])["snapshots"]
+    assert [(item["dir"], item["lsn"], item.get("wal")) for item in listed] == [
+        (d, r.lsn, None if r.wal is None else list(r.wal)) for d, r in sorted(snapshots.items())
+    ]
     with pytest.raises(CorruptionError):
         fmt.decode_manifest(data)  # a record is not a manifest: the magics differ
 

@@ -650,3 +650,33 @@ def test_the_cli_snapshots_a_store_another_process_writes(tmp_path):
         assert sum(restored.head(uid) for uid in range(9)) == 80
     done = subprocess.run([sys.executable, "-m", "syncstore.cli", "restore", dest, str(tmp_path / "r2"), "--lsn", "41"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("syncstore: error:") and "40, 47" in done.stderr
+
+
+def test_a_delta_starts_at_the_recorded_wal_position_and_ignores_a_wrong_one(tmp_path, monkeypatch):
+    """The store's record keeps where the WAL record after the newest snapshot is: the next delta reads from
+    there, without walking its segment; a position that is wrong (stale, edited) is checked and ignored."""
+    from syncstore import _walread
+
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    walks = []
+    real_skip = _walread.LogReader._skip
+    monkeypatch.setattr(_walread.LogReader, "_skip", lambda self, first, target: walks.append(target) or real_skip(self, first, target))
+    with open_store(path) as store:
+        fill(store, 1, 200)
+        store.snapshot(dest)
+        walks.clear()
+        fill(store, 1000, 5)
+        store.snapshot(dest)
+        assert walks == []  # the recorded position was right: no walk from the segment's start
+        _epoch, recorded = fmt.decode_record_file(open(os.path.join(path, "SNAPSHOTS"), "rb").read())
+        first, offset = recorded[dest].wal
+        for index, wrong in enumerate(((first, offset + 3), (first, 24), (first + 10**6, offset))):
+            data = fmt.encode_record_file(store.epoch, {dest: fmt.Recorded(recorded[dest].lsn, wrong)})
+            with open(os.path.join(path, "SNAPSHOTS"), "wb") as f:
+                f.write(data)
+            fill(store, 2000 + 10 * index, 3)
+            changed = store.snapshot(dest)
+            assert changed.kind == "delta"
+            _epoch, recorded = fmt.decode_record_file(open(os.path.join(path, "SNAPSHOTS"), "rb").read())
+        state = dump(store)
+    assert dump_restored(dest, str(tmp_path / "r")) == state
