@@ -323,6 +323,12 @@ SECTIONS: dict[str, Section] = {
             higher_is_better=False,
             targets=(Target("delta % of full", 5, higher_is_better=False),),
         ),
+        Section(  # issue 9
+            "snapshot pinning",
+            "LMDB file growth while writers add 25% more messages during a read transaction held open (a one-transaction copy) vs short ones",
+            "growth MB",
+            higher_is_better=False,
+        ),
         Section("restore", "restore a base + one delta into a new store (every file checked first, then built, then check())", "MB/s"),  # issue 9
         Section(
             "memory",

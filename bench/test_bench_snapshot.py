@@ -51,12 +51,12 @@ MESSAGES_PER_CHANGED_USER = 10
 
 
 def _load(path: str, count: int) -> syncstore.Store:
-    store = syncstore.open(path, durability="none", segment_bytes=256 << 20)
+    store = syncstore.open(path, durability="none")
     items = one_to_one_items(count, USERS, BODY, seed=9)
     for start in range(0, count, BATCH):
         store.deliver_many([(Message(s, c, q, b), to) for s, c, q, b, to in items[start : start + BATCH]])
     store.close()
-    return syncstore.open(path, durability="none", segment_bytes=256 << 20)
+    return syncstore.open(path, durability="none")
 
 
 class _TimedReads:
@@ -156,3 +156,32 @@ def test_snapshot_full_delta_restore(benchmark, scale, fresh_dir, monkeypatch):
         )
     )
     RESULTS.record(Row("restore", "syncstore", {"MB/s": mb / med["restore"], "msg/s": messages / med["restore"] * len(times["full"]) / len(times["full"]), "s": med["restore"]}, workload=workload))
+
+
+def test_long_read_transaction_grows_the_file(benchmark, scale, fresh_dir):
+    """Why snapshots read in short transactions: a read transaction pins the pages it sees, so every page the
+    writers free meanwhile cannot be reused and the file grows.  Same store, same writes (25% more
+    messages, applied in batches), once with one read transaction held open throughout (what one long
+    snapshot transaction does), once without (the snapshot's transactions last ~1-5 ms)."""
+    count = sized(FULL_COUNT, scale, 2_000)
+    growth: dict[str, float] = {}
+
+    def measure(mode: str) -> None:
+        store = _load(fresh_dir(mode), count)
+        data = os.path.join(store.path, "state", "data.mdb")
+        before = os.stat(data).st_size
+        held = store._state.env.begin() if mode == "long" else None
+        items = one_to_one_items(count // 4, USERS, BODY, seed=11, first_seq=10**9)
+        for start in range(0, len(items), BATCH):
+            store.deliver_many([(Message(s, c, q, b), to) for s, c, q, b, to in items[start : start + BATCH]])
+            store.flush()
+            store._writer.apply_pending()
+        if held is not None:
+            held.abort()
+        growth[mode] = (os.stat(data).st_size - before) / 1e6
+        store.close()
+
+    benchmark.pedantic(lambda: [measure("short"), measure("long")], rounds=1)
+    workload = f"{count:,} messages loaded, {count // 4:,} more written in batches of {BATCH:,}"
+    RESULTS.record(Row("snapshot pinning", "short read transactions", {"growth MB": growth["short"]}, workload=workload), benchmark)
+    RESULTS.record(Row("snapshot pinning", "one read transaction held", {"growth MB": growth["long"]}))
