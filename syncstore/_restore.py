@@ -32,7 +32,7 @@ from ._codec import pack_u64
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA
 from ._layout import DEFAULT_FILE_MODE, Marker
-from ._snapdir import SnapshotInfo, entry_path, read_blocks, read_manifest
+from ._snapdir import SnapshotInfo, entry_path, io_error, read_blocks, read_manifest
 from ._snapformat import DB_NAMES, DELETE, DUP_DBS, ChainEntry, Manifest, Row
 from .errors import InvalidArgument, LayoutError, StoreFull, StoreNotFound, SyncStoreError
 from .state import _APPLIED, _LAST_ID, State
@@ -79,6 +79,13 @@ def restore(
         raise InvalidArgument(f"follower must be True or False, got {follower!r}", key="follower")
     if replica_id is not None and (type(replica_id) is not int or not 0 <= replica_id <= MAX_REPLICA):
         raise InvalidArgument(f"replica_id must be an int in 0..{MAX_REPLICA} or None, got {replica_id!r}", key="replica_id")
+    try:
+        return _restore(directory, target, lsn, follower, replica_id, fs)
+    except OSError as error:
+        raise io_error(error, "restoring snapshots", directory, "nothing was left at the target") from error
+
+
+def _restore(directory: str, target: str, lsn: int | None, follower: bool, replica_id: int | None, fs: FileSystem) -> SnapshotInfo:
     manifest = read_manifest(directory)
     if manifest is None:
         raise StoreNotFound(f"{directory} holds no snapshot (no MANIFEST)", path=directory, hint="pass the directory that Store.snapshot wrote into")

@@ -18,6 +18,7 @@ so tests can count the operations and kill the process at any one of them.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -30,11 +31,11 @@ import zstandard
 from . import _snapformat as fmt
 from ._codec import crc32c_of
 from ._fileio import OS_FS, FileSystem
-from ._layout import create_file
+from ._layout import create_file, permission_denied
 from ._snapformat import ChainEntry, Header, Manifest, Row, Trailer
-from .errors import CorruptionError
+from .errors import CorruptionError, StoreFull, SyncStoreError
 
-__all__ = ["MANIFEST", "SnapshotInfo", "read_manifest", "write_manifest", "entry_path", "SnapWriter", "read_blocks", "is_ours", "TEMP_SUFFIX"]
+__all__ = ["MANIFEST", "SnapshotInfo", "io_error", "read_manifest", "write_manifest", "entry_path", "SnapWriter", "read_blocks", "is_ours", "TEMP_SUFFIX"]
 
 log = logging.getLogger("syncstore.snapshot")
 
@@ -79,6 +80,21 @@ class SnapshotInfo:
 def is_ours(name: str) -> bool:
     """True for the names the snapshot writer creates (snapshot files, its temp files, the manifest's temp)."""
     return fmt.parse_file_name(name) is not None or name == MANIFEST_TEMP or (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX))
+
+
+def io_error(error: OSError, what: str, path: str, hint: str) -> SyncStoreError:
+    """The SyncStoreError of a failed file operation while writing or restoring snapshots.
+
+    No space is :class:`StoreFull`, no access :class:`PermissionDenied`,
+    anything else a plain :class:`SyncStoreError`; ``hint`` says what is
+    left behind (the store itself is never affected).
+    """
+    where = error.filename if isinstance(error.filename, str) else path
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"{what} failed: no space left ({error.strerror})", path=where, hint=f"free disk space and try again; {hint}")
+    if isinstance(error, PermissionError):
+        return permission_denied(error, "read and write access")
+    return SyncStoreError(f"{what} failed: {error.strerror or error}", path=where, hint=f"check the disk and try again; {hint}")
 
 
 # --- the manifest -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import lmdb
 from . import _codec, _layout
 from . import _snapformat as fmt
 from ._fileio import OS_FS, FileSystem
-from ._snapdir import MANIFEST, SnapshotInfo, SnapWriter, is_ours, read_manifest, write_manifest
+from ._snapdir import SnapshotInfo, SnapWriter, io_error, is_ours, read_manifest, write_manifest
 from ._snapformat import BASE, DELTA, DB_IDS, DUP_DBS, ChainEntry, Header, Manifest
 from ._statekeys import DB_ORDER, Item, item_order, touched
 from ._walread import LogReader, LogRetired
@@ -75,7 +75,19 @@ _RECORD_KEEP = 16  # directories remembered
 
 
 def take(state: State, wal_dir: str, dest_dir: str | os.PathLike[str], *, store_path: str, full: bool = False, fs: FileSystem = OS_FS) -> SnapshotInfo:
-    """Write a snapshot of ``state`` (whose log is in ``wal_dir``) into ``dest_dir``; see :meth:`syncstore.Store.snapshot`."""
+    """Write a snapshot of ``state`` (whose log is in ``wal_dir``) into ``dest_dir``; see :meth:`syncstore.Store.snapshot`.
+
+    A failed file operation is a :class:`SyncStoreError` (:class:`StoreFull`
+    for no space): the store is unaffected and the directory's chain is as
+    it was (a temporary file may remain; the next snapshot removes it).
+    """
+    try:
+        return _take(state, wal_dir, dest_dir, store_path=store_path, full=full, fs=fs)
+    except OSError as error:
+        raise io_error(error, "writing the snapshot", os.fspath(dest_dir), "the snapshot directory's chain is as it was") from error
+
+
+def _take(state: State, wal_dir: str, dest_dir: str | os.PathLike[str], *, store_path: str, full: bool, fs: FileSystem) -> SnapshotInfo:
     if not isinstance(dest_dir, (str, os.PathLike)) or not os.fspath(dest_dir):
         raise InvalidArgument(f"dest_dir must name a directory, got {dest_dir!r}", key="dest_dir")
     if type(full) is not bool:
@@ -352,7 +364,10 @@ def snapshot_chain(dest_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     directory = os.path.abspath(os.fspath(dest_dir))
     if not os.path.isdir(directory):
         return []
-    manifest = read_manifest(directory)
+    try:
+        manifest = read_manifest(directory)
+    except OSError as error:
+        raise io_error(error, "reading the snapshot manifest", directory, "nothing was changed") from error
     return [] if manifest is None else [SnapshotInfo.of(directory, entry) for entry in manifest.chain]
 
 

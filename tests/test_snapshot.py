@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import syncstore
+import syncstore._fileio
 from syncstore import CorruptionError, InvalidArgument, Message, StoreLocked, StoreNotFound, snapshot_chain
 from syncstore import _snapdir
 from syncstore import _snapformat as fmt
@@ -680,3 +681,50 @@ def test_a_delta_starts_at_the_recorded_wal_position_and_ignores_a_wrong_one(tmp
             _epoch, recorded = fmt.decode_record_file(open(os.path.join(path, "SNAPSHOTS"), "rb").read())
         state = dump(store)
     assert dump_restored(dest, str(tmp_path / "r")) == state
+
+
+class _FullDisk(syncstore._fileio.FileSystem):
+    """Fails every pwrite with ENOSPC while ``full`` is set."""
+
+    full = False
+
+    def pwrite(self, fd, data, offset):
+        if self.full:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().pwrite(fd, data, offset)
+
+
+def test_a_full_disk_fails_the_snapshot_cleanly(tmp_path):
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    fs = _FullDisk()
+    with open_store(path, fs=fs) as store:
+        fill(store, 1, 10)
+        first = store.snapshot(dest)
+        fill(store, 100, 3)
+        fs.full = True
+        with pytest.raises(syncstore.StoreFull, match="no space"):
+            store.snapshot(dest)
+        fs.full = False
+        assert [i.lsn for i in snapshot_chain(dest)] == [first.lsn]  # the chain as it was
+        assert store.deliver(Message(1, 1, 10**6, b"still fine"), to=[1]).cursors
+        store.snapshot(dest)
+        assert not [n for n in os.listdir(dest) if n.endswith(".tmp")]
+        state = dump(store)
+    assert dump_restored(dest, str(tmp_path / "r")) == state
+
+
+def test_the_cli_commands_have_examples_and_clear_errors(tmp_path, capsys):
+    from syncstore.cli import main
+
+    for command in ("snapshot", "restore"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "example:" in out and f"syncstore {command} " in out
+    assert main(["snapshot", str(tmp_path / "missing"), str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err.startswith("syncstore: error: no store at")
+    assert main(["restore", str(tmp_path / "missing"), str(tmp_path / "r")]) == 1
+    assert "no snapshot directory" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path), str(tmp_path / "r"), "--lsn", "-1"]) == 2
+    assert not os.path.exists(tmp_path / "r") and not os.path.exists(tmp_path / "d")
