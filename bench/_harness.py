@@ -365,8 +365,9 @@ class Results:
         """Keep ``row`` (replacing an earlier one of the same section and system) and attach it to ``benchmark``."""
         self.rows = [r for r in self.rows if (r.section, r.system) != (row.section, row.system)]
         self.rows.append(row)
-        if benchmark is not None:
+        if benchmark is not None:  # one benchmark may record several rows (a system and its peers in one run)
             benchmark.extra_info["syncstore_row"] = row.as_dict()  # type: ignore[attr-defined]
+            benchmark.extra_info.setdefault("syncstore_rows", []).append(row.as_dict())  # type: ignore[attr-defined]
         return row
 
 

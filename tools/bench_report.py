@@ -34,7 +34,10 @@ def load_rows(path: str) -> tuple[list[Row], dict]:
     """The recorded rows and the machine info of a ``--benchmark-json`` file."""
     with open(path) as f:
         data = json.load(f)
-    rows = [Row(**bench["extra_info"]["syncstore_row"]) for bench in data.get("benchmarks", []) if "syncstore_row" in bench.get("extra_info", {})]
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        rows += [Row(**row) for row in info.get("syncstore_rows", [info["syncstore_row"]] if "syncstore_row" in info else [])]
     return rows, data.get("machine_info", {})
 
 
