@@ -19,6 +19,7 @@ Check everything, then build beside, then rename:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -86,6 +87,17 @@ def restore(
 
 
 def _restore(directory: str, target: str, lsn: int | None, follower: bool, replica_id: int | None, fs: FileSystem) -> SnapshotInfo:
+    # Shared flock on the directory: a snapshot being written into it (which holds it exclusively, and may
+    # replace the chain and remove its files) finishes first, and none starts while this restore reads it.
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        return _restore_locked(directory, target, lsn, follower, replica_id, fs)
+    finally:
+        os.close(lock)
+
+
+def _restore_locked(directory: str, target: str, lsn: int | None, follower: bool, replica_id: int | None, fs: FileSystem) -> SnapshotInfo:
     manifest = read_manifest(directory)
     if manifest is None:
         raise StoreNotFound(f"{directory} holds no snapshot (no MANIFEST)", path=directory, hint="pass the directory that Store.snapshot wrote into")

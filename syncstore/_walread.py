@@ -51,17 +51,26 @@ class LogReader:
         self._at: tuple[int, int, int] | None = None
         self._window: tuple[int, int, bytes] = (-1, 0, b"")  # (segment, file offset, bytes): read ahead
 
-    def refresh(self) -> None:
-        """Open every segment not yet open (call it often: an open segment survives its retirement)."""
+    def refresh(self, need: int = 0) -> None:
+        """Open the segments not yet open that may hold LSN ``need`` or later; close those entirely before it.
+
+        Call it often: an open segment survives its retirement.
+        """
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             names = []
         except PermissionError as error:
             raise permission_denied(error, "read and search (r-x) access to the WAL directory, to read the records a snapshot needs") from None
-        for name in names:
-            first = _segment_first_lsn(name)
-            if first is None or first in self._fds:
+        listed = {first: name for name in names if (first := _segment_first_lsn(name)) is not None}
+        # The segment holding `need` starts at the largest first LSN at or below it; nothing before it is read again.
+        floor = max((f for f in (*listed, *self._fds) if f <= need), default=0)
+        for first in [f for f in self._fds if f < floor]:
+            with contextlib.suppress(OSError):
+                os.close(self._fds.pop(first))
+            self._paths.pop(first, None)
+        for first, name in listed.items():
+            if first < floor or first in self._fds:
                 continue
             path = os.path.join(self.directory, name)
             try:
@@ -76,7 +85,7 @@ class LogReader:
         """Every frame with ``after`` < LSN <= ``upto``, in order (the caller knows they are durable)."""
         if upto <= after:
             return
-        self.refresh()
+        self.refresh(after + 1)
         if self._at is not None and self._at[2] == after + 1:
             first, offset, lsn = self._at
         else:
@@ -93,7 +102,7 @@ class LogReader:
             frame = self._frame(first, offset)
             if frame is None:  # the end of this segment's frames: the next segment starts at `lsn`
                 if lsn not in self._fds:
-                    self.refresh()
+                    self.refresh(lsn)
                     if lsn not in self._fds:
                         raise LogRetired(f"the WAL no longer holds LSN {lsn}", path=self.directory)
                 first, offset = lsn, SEGMENT_HEADER_SIZE
@@ -116,7 +125,7 @@ class LogReader:
         if self._at is not None and self._at[2] == after + 1:
             return self._at[0], self._at[1]
         try:
-            self.refresh()
+            self.refresh(after + 1)
             starts = [f for f in self._fds if f <= after + 1]
             if not starts:
                 return None
@@ -134,7 +143,7 @@ class LogReader:
         harmless: it is ignored (False) and :meth:`frames` finds the record
         from the segment's start.
         """
-        self.refresh()
+        self.refresh(after + 1)
         if first not in self._fds:
             return False
         try:

@@ -63,6 +63,9 @@ _value = itemgetter(1)
 #: Rounds of re-reads in short transactions before the last one reads whatever is left (each round
 #: re-reads what the writers touched during the one before, so they shrink unless writes keep pace).
 _MAX_ROUNDS = 32
+#: A delta touching more items than this is written as a base instead: the items are held in memory
+#: (~170 bytes each), and a change that large costs about what a base does anyway.
+MAX_DELTA_ITEMS = 1_000_000
 #: Attempts at a base before giving up because the log was retired under it faster than it read.
 _BASE_ATTEMPTS = 3
 #: The store's record of where its snapshots were written (in the store directory).
@@ -139,7 +142,12 @@ def _lock(dest: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreLocked(f"another snapshot is being written into {dest}", path=dest, holder="a snapshot writer", hint="wait for it to finish") from None
+        raise StoreLocked(
+            f"another snapshot is being written into {dest}, or a restore is reading it",
+            path=dest,
+            holder="a snapshot writer or a restore",
+            hint="wait for it to finish; nothing was written",
+        ) from None
     return fd
 
 
@@ -181,7 +189,9 @@ def _write(context: _Context, wal: LogReader, manifest: Manifest | None, full: b
             return SnapshotInfo.of(context.dest, entry), manifest.chain + (entry,)
         except LogRetired as error:
             reason = f"a base, not a delta: the WAL no longer holds the records after LSN {newest.lsn} ({error.message})"
-            log.info("snapshot into %s: %s", context.dest, reason)
+        except _TooLarge as error:
+            reason = f"a base, not a delta: the records after LSN {newest.lsn} touch more than {error.args[0]:,} items"
+        log.info("snapshot into %s: %s", context.dest, reason)
     for attempt in range(1, _BASE_ATTEMPTS + 1):
         try:
             entry = _base(context, wal)
@@ -215,8 +225,9 @@ def _base(context: _Context, wal: LogReader) -> ChainEntry:
 def _delta(context: _Context, wal: LogReader, previous: ChainEntry) -> ChainEntry:
     """Re-read every item that the WAL records after ``previous`` touched: a delta at the final LSN."""
     state = context.state
-    changes = _Changes(wal, previous.lsn)
-    changes.collect(state.applied_lsn())  # LogRetired here: the caller writes a base instead
+    changes = _Changes(wal, previous.lsn, limit=MAX_DELTA_ITEMS)
+    changes.collect(state.applied_lsn())  # LogRetired or _TooLarge here: the caller writes a base instead
+    changes.limit = None
     out = SnapWriter(context.fs, context.dest, context.file_mode)
     try:
         lsn, last_msg_id = _reread(context, out, changes)
@@ -226,19 +237,26 @@ def _delta(context: _Context, wal: LogReader, previous: ChainEntry) -> ChainEntr
         raise
 
 
+class _TooLarge(Exception):
+    """A delta would touch more items than its limit (``args[0]``)."""
+
+
 class _Changes:
     """The items touched by WAL records after :attr:`lsn` was reached, collected as the applied LSN moves on."""
 
-    def __init__(self, wal: LogReader, lsn: int) -> None:
+    def __init__(self, wal: LogReader, lsn: int, limit: int | None = None) -> None:
         self.wal = wal
         self.lsn = lsn  # records up to here have been collected
         self.items: set[Item] = set()
+        self.limit = limit  # raise _TooLarge beyond this many items (None: no limit)
 
     def collect(self, upto: int) -> None:
         """Add the items touched by the records in (:attr:`lsn`, ``upto``]."""
         for frame in self.wal.frames(self.lsn, upto):
             record = _codec.decode_record(frame.rtype, frame.body, frame.lsn, self.wal.directory, frame.offset)
             self.items.update(touched(record))
+            if self.limit is not None and len(self.items) > self.limit:
+                raise _TooLarge(self.limit)
         self.lsn = max(self.lsn, upto)
 
     def take(self) -> list[Item]:

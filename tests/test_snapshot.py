@@ -728,3 +728,95 @@ def test_the_cli_commands_have_examples_and_clear_errors(tmp_path, capsys):
     assert "no snapshot directory" in capsys.readouterr().err
     assert main(["restore", str(tmp_path), str(tmp_path / "r"), "--lsn", "-1"]) == 2
     assert not os.path.exists(tmp_path / "r") and not os.path.exists(tmp_path / "d")
+
+
+def test_a_delta_touching_too_many_items_is_written_as_a_base(tmp_path, monkeypatch):
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    monkeypatch.setattr(snapshot_module, "MAX_DELTA_ITEMS", 30)
+    with open_store(path) as store:
+        fill(store, 1, 10)
+        store.snapshot(dest)
+        fill(store, 100, 3)  # ~21 items: a delta
+        assert store.snapshot(dest).kind == "delta"
+        fill(store, 200, 10)  # ~70 items: over the limit
+        info = store.snapshot(dest)
+        state = dump(store)
+    assert info.kind == "base" and "more than 30 items" in info.reason
+    assert dump_restored(dest, str(tmp_path / "r")) == state
+
+
+def test_a_restore_in_progress_keeps_snapshot_writers_out(tmp_path):
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    with open_store(path) as store:
+        fill(store, 1, 3)
+        store.snapshot(dest)
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what restore holds while it reads the directory
+        try:
+            fill(store, 10, 1)
+            with pytest.raises(StoreLocked, match="or a restore is reading it"):
+                store.snapshot(dest)
+        finally:
+            os.close(fd)
+
+
+# --- the WAL reader ----------------------------------------------------------------------------------
+
+
+def _log(directory: str, count: int, segment_bytes: int = 4096):
+    """A WAL of ``count`` DELIVER records over several small segments; returns their records."""
+    from syncstore import _codec
+    from syncstore.wal import WriteAheadLog
+
+    wal = WriteAheadLog.open(directory, next_lsn=1, segment_bytes=segment_bytes)
+    records = []
+    for lsn in range(1, count + 1):
+        record = Deliver(lsn << 22, lsn % 5, 1, lsn, 0, 0, b"x" * (lsn % 300), ((lsn % 7, lsn),))
+        wal.append(_codec.encode_frame(lsn, _codec.RECORD_DELIVER, _codec.encode_deliver(record), lsn), lsn, lsn)
+        records.append(record)
+    wal.sync()
+    wal.close()
+    return records
+
+
+def test_the_wal_reader_reads_ranges_across_segments(tmp_path):
+    from syncstore import _codec
+    from syncstore._walread import LogReader, LogRetired
+
+    directory = str(tmp_path / "wal")
+    os.mkdir(directory)
+    records = _log(directory, 120)
+    assert len(os.listdir(directory)) >= 4
+    with LogReader(directory) as reader:
+        for after, upto in ((0, 3), (3, 50), (50, 51), (90, 120), (10, 20)):
+            got = [_codec.decode_deliver(frame.body) for frame in reader.frames(after, upto)]
+            assert got == records[after:upto]
+        assert list(reader.frames(120, 120)) == []
+        open_before = len(reader._fds)
+        list(reader.frames(118, 120))  # segments wholly before LSN 119 are closed again
+        assert len(reader._fds) < open_before
+        position = reader.position(60)
+    with LogReader(directory) as reader:
+        assert reader.resume(60, *position)
+        assert [f.lsn for f in reader.frames(60, 63)] == [61, 62, 63]
+    first = sorted(os.listdir(directory))[0]
+    os.unlink(os.path.join(directory, first))  # retired
+    with LogReader(directory) as reader:
+        with pytest.raises(LogRetired):
+            list(reader.frames(0, 5))
+
+
+def test_the_wal_reader_reports_a_damaged_frame_below_the_applied_lsn(tmp_path):
+    from syncstore._walread import LogReader
+
+    directory = str(tmp_path / "wal")
+    os.mkdir(directory)
+    _log(directory, 40)
+    name = sorted(os.listdir(directory))[1]
+    with open(os.path.join(directory, name), "r+b") as f:
+        f.seek(24 + 30)
+        f.write(b"\xff")
+    with LogReader(directory) as reader:
+        with pytest.raises(CorruptionError) as caught:
+            list(reader.frames(0, 40))
+    assert caught.value.path.endswith(name) and caught.value.offset == 24
