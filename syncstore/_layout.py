@@ -169,16 +169,25 @@ def read_marker(store: str, fs: FileSystem = OS_FS) -> Marker:
 
 
 def write_marker(store: str, marker: Marker, file_mode: int, fs: FileSystem = OS_FS) -> None:
-    """Write the marker atomically: temp file, fsync, rename over, fsync the directory."""
-    temp, final = os.path.join(store, MARKER_TEMP), os.path.join(store, MARKER)
+    """Write the marker atomically (:func:`write_atomically`)."""
+    write_atomically(store, MARKER, encode_marker(marker), file_mode, fs, temp_name=MARKER_TEMP)
+
+
+def write_atomically(directory: str, name: str, data: bytes, file_mode: int, fs: FileSystem = OS_FS, *, temp_name: str | None = None) -> None:
+    """Replace ``directory/name`` with ``data`` atomically: temp file, fsync, rename over, fsync the directory.
+
+    A crash leaves the old file or the new one, never a mix; at worst a
+    leftover temp file (``name + ".tmp"`` unless ``temp_name`` is given).
+    """
+    temp, final = os.path.join(directory, temp_name or name + ".tmp"), os.path.join(directory, name)
     fd = create_file(fs, temp, os.O_WRONLY | os.O_TRUNC, file_mode)
     try:
-        fs.pwrite(fd, encode_marker(marker), 0)
+        fs.pwrite(fd, data, 0)
         fs.fsync(fd)
     finally:
         fs.close(fd)
     fs.rename(temp, final)
-    fs.fsync_dir(store)
+    fs.fsync_dir(directory)
 
 
 def new_epoch() -> int:

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import _layout, _open
 from ._fileio import OS_FS, FileSystem
@@ -35,7 +35,8 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import MAX_U64, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
+from .changelog import DEFAULT_MAX_LOG_BYTES, DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_MS, ChangeLog, Consumer, Consumers, ConsumerStatus, segment_infos
+from .model import MAX_U64, Change, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
 from .state import DEFAULT_MAX_READERS, State
 from .wal import DEFAULT_SEGMENT_BYTES, WriteAheadLog, io_failure
 
@@ -103,6 +104,10 @@ def open(  # noqa: A001 - the public name is the contract
     file_mode: int | None = None,
     clock_ms: Callable[[], int] | None = None,
     fs: FileSystem | None = None,
+    log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
+    log_retention_ms: int = DEFAULT_RETENTION_MS,
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    follower: bool = False,
 ) -> Store:
     """Open the store in directory ``path``, creating it if ``create`` (the default).
 
@@ -136,6 +141,14 @@ def open(  # noqa: A001 - the public name is the contract
     ``clock_ms`` (called once here to check it returns int milliseconds) and
     ``fs`` are seams for tests and simulations.
 
+    The change log (``changes``, consumers): applied WAL segments are kept
+    while the log is within ``log_retention_bytes`` and younger than
+    ``log_retention_ms`` (default 256 MiB, one day; whichever is exceeded
+    first lets the oldest go), and while a named consumer pins them -- up to
+    ``max_log_bytes`` of log behind it (default 4 GiB), beyond which it is
+    dropped.  ``follower=True`` opens a store that takes only its leader's
+    changes (``apply_changes``; ``deliver`` raises :class:`ReadOnlyStore`).
+
     Raises :class:`StoreNotFound`, :class:`LayoutError`,
     :class:`PermissionDenied` (naming the path and the access needed),
     :class:`StoreLocked` if another writer holds the store,
@@ -165,6 +178,10 @@ def open(  # noqa: A001 - the public name is the contract
         max_readers=max_readers,
         clock_ms=clock_ms,
         fs=fs,
+        log_retention_bytes=log_retention_bytes,
+        log_retention_ms=log_retention_ms,
+        max_log_bytes=max_log_bytes,
+        follower=follower,
     )
 
 
@@ -185,6 +202,11 @@ def _checked_clock(clock: Callable[[], int]) -> Callable[[], int]:
         return value
 
     return checked
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):  # type: ignore[operator]
+        raise InvalidArgument(f"timeout must be None or seconds >= 0, got {timeout!r}", key="timeout")
 
 
 def _check_option_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -214,6 +236,10 @@ class Store:
         max_readers: int,
         clock_ms: Callable[[], int] | None,
         fs: FileSystem | None,
+        log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
+        log_retention_ms: int = DEFAULT_RETENTION_MS,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        follower: bool = False,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise InvalidArgument(f"durability must be one of {DURABILITY_MODES}, got {durability!r}", key="durability")
@@ -236,6 +262,13 @@ class Store:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
         if type(create) is not bool:
             raise InvalidArgument(f"create must be True or False, got {create!r}", key="create")
+        if type(follower) is not bool:
+            raise InvalidArgument(f"follower must be True or False, got {follower!r}", key="follower")
+        if follower and readonly:
+            raise InvalidArgument("a follower is written by its leader's changes: follower=True needs readonly=False", key="follower")
+        _check_option_int("log_retention_bytes", log_retention_bytes, 0)
+        _check_option_int("log_retention_ms", log_retention_ms, 0)
+        _check_option_int("max_log_bytes", max_log_bytes, 0)
         if file_mode is not None:
             _layout.check_file_mode(file_mode)
         clock = None
@@ -267,6 +300,19 @@ class Store:
         self._writer: Writer | None = None
         self._epoch = 0
         self.lock_free = False  # a read-only view without an LMDB reader slot (docs/reliability.md)
+        self.follower = follower
+        self._changelog = ChangeLog(
+            path,
+            visible=self._visible_lsn,
+            head=self.head,
+            watchers=lambda: self._writer.watchers if self._writer is not None else None,
+            fs=self._fs,
+            readonly=readonly,
+            retention_bytes=log_retention_bytes,
+            retention_ms=log_retention_ms,
+            max_log_bytes=max_log_bytes,
+            clock_ms=self._clock,
+        )
         self._register()
         opened = _open.Opened()
         try:
@@ -288,6 +334,7 @@ class Store:
                         dedup_window_ms=dedup_window_ms,
                         clock=self._clock,
                         fs=self._fs,
+                        retain=self._changelog.retire_upto,
                     )
             finally:  # whatever was acquired, the store owns (and releases, if opening failed)
                 self._lock_fd, self._wal, self._state, self._writer = opened.lock_fd, opened.wal, opened.state, opened.writer
@@ -345,10 +392,19 @@ class Store:
         if self._closed:
             raise StoreClosed("the store is closed", path=self.path)
 
-    def _check_writer(self) -> Writer:
+    def _check_writer(self, *, leader: bool = True) -> Writer:
+        """The writer, for a write of this kind: a leader's own (``leader``) or a follower's applying its leader's changes."""
         self._check_usable()
         if self._writer is None:
             raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
+        if leader and self.follower:
+            raise ReadOnlyStore(
+                "this store is a follower: it takes only its leader's changes",
+                path=self.path,
+                hint="write to the leader; apply its changes here with apply_changes(); promote() makes this store a leader",
+            )
+        if not leader and not self.follower:
+            raise ReadOnlyStore("apply_changes is for followers: open the store with follower=True", path=self.path)
         return self._writer
 
     # --- validation ---------------------------------------------------------------
@@ -534,6 +590,116 @@ class Store:
         assert self._state is not None
         with self._state.read() as txn:
             return max(self._state.head(txn, user), pending_head)
+
+    # --- the change log ---------------------------------------------------------------
+
+    def _visible_lsn(self) -> int:
+        if self._writer is not None:
+            return self._writer.synced_lsn
+        assert self._state is not None
+        return self._state.applied_lsn()
+
+    @property
+    def lsn(self) -> int:
+        """The last durable LSN: every change up to it can be read with :meth:`changes`.
+
+        In a read-only view, the last LSN the writer applied to LMDB (at most
+        one apply interval behind).
+        """
+        self._check_usable()
+        return self._visible_lsn()
+
+    def changes(self, since: int = 0, limit: int | None = None, follow: bool = False, timeout: float | None = None) -> Iterator[Change]:
+        """The change log after ``since``: :class:`Change` records in LSN order (durable ones only).
+
+        ``limit`` caps how many (None: all).  ``follow=True`` keeps waiting
+        for new changes -- woken by the group commit, no polling, no LMDB
+        transaction held -- until ``timeout`` seconds in all have passed
+        (None: until the store closes); the iteration then ends quietly.
+        Raises :class:`SnapshotRequired` (at the call, or later if retention
+        overtakes a slow reader) when the log no longer holds ``since + 1``,
+        naming the newest recorded snapshot that bridges the gap;
+        :class:`InvalidArgument` for a ``since`` beyond :attr:`lsn`.  Change
+        kinds and their fields: :class:`Change`; format: docs/format.md.
+        """
+        self._check_usable()
+        check_u64("since", since)
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise InvalidArgument(f"limit must be None or an int >= 1, got {limit!r}", key="limit")
+        if type(follow) is not bool:
+            raise InvalidArgument(f"follow must be True or False, got {follow!r}", key="follow")
+        _check_timeout(timeout)
+        return self._changelog.changes(since, limit, follow, timeout)
+
+    def wait(self, user: int, since: int, timeout: float | None = None) -> bool:
+        """Block until ``head(user) > since`` (True), or ``timeout`` seconds pass (False): an IM gateway's long-poll.
+
+        Woken by the durable write that reaches ``user``, not by polling (a
+        read-only view, which has no writer to wake it, re-checks every 50 ms).
+        Returns False too if the store closes meanwhile.
+        """
+        self._check_usable()
+        check_u64("user", user)
+        check_u64("since", since)
+        _check_timeout(timeout)
+        return self._changelog.wait(user, since, timeout)
+
+    def consumer(self, name: str, start: int | None = None) -> Consumer:
+        """The named, persistent consumer ``name``, created at position ``start`` (None: :attr:`lsn`) if new.
+
+        It pins the log after its acknowledged position (``consumer.ack``)
+        up to ``max_log_bytes``; see :class:`~syncstore.changelog.Consumer`.
+        ``start`` is ignored for an existing consumer.
+        """
+        self._check_writer(leader=False) if self.follower else self._check_writer()
+        name = Consumers.check_name(name)
+        if start is not None:
+            check_u64("start", start)
+            if start > self.lsn:
+                raise InvalidArgument(f"start={start} is beyond the end of the change log ({self.lsn})", key="start")
+        self._changelog.consumers.create(name, self.lsn if start is None else start)
+        return Consumer(self._changelog, name)
+
+    def consumers(self) -> list[ConsumerStatus]:
+        """Every named consumer: position, lag, WAL bytes it pins, and whether (why) it was dropped."""
+        self._check_usable()
+        end = self._visible_lsn()
+        segments = segment_infos(self._changelog.wal_dir, self._clock())
+        out = []
+        for name, position, dropped in self._changelog.consumers.items():
+            pinned = 0 if dropped is not None else sum(s.size for s in segments[:-1] if s.last_lsn > position)
+            out.append(ConsumerStatus(name, position, max(0, end - position), pinned, dropped))
+        return out
+
+    def drop_consumer(self, name: str) -> bool:
+        """Remove consumer ``name`` (it no longer pins anything); False if there was none."""
+        self._check_writer(leader=False) if self.follower else self._check_writer()
+        return self._changelog.consumers.remove(Consumers.check_name(name))
+
+    def apply_changes(self, changes: Iterable[Change]) -> int:
+        """A follower takes its leader's changes (from ``leader.changes(...)``, in LSN order); returns how many were new.
+
+        Each change is appended to this store's own log at the leader's LSN
+        and applied like a local write: after restoring a snapshot at LSN S
+        and applying ``leader.changes(since=S)``, inboxes, heads, cursors and
+        dedup index equal the leader's.  A change at or below :attr:`lsn` is
+        skipped (applied twice is harmless); one that leaves a gap raises
+        :class:`LogGap` naming the missing LSNs, and a delivery that does not
+        continue a user's cursors raises :class:`CorruptionError` (the
+        follower diverged) -- in both cases nothing of the call is applied.
+        Durable on return.  Only on a store opened with ``follower=True``.
+        """
+        writer = self._check_writer(leader=False)
+        if isinstance(changes, (str, bytes)) or not isinstance(changes, Iterable):
+            raise InvalidArgument(f"changes must be an iterable of syncstore.Change, got {type(changes).__name__}", key="changes")
+        items = []
+        for index, change in enumerate(changes):
+            if not isinstance(change, Change):
+                raise InvalidArgument(f"changes[{index}] is a {type(change).__name__}, not a syncstore.Change", key="changes")
+            if items and change.lsn != items[-1][0] + 1:
+                raise InvalidArgument(f"changes must be in LSN order without gaps: {change.lsn} after {items[-1][0]}", key="changes")
+            items.append((change.lsn, change.record()))
+        return writer.append_records(items)
 
     # --- verification and lifecycle -------------------------------------------------
 
