@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import __version__
+from . import __version__, _cli_changelog
 from ._demo import DemoConfig, Progress, format_report, run_demo
 from .errors import SyncStoreError
 from ._migrate import inspect as inspect_state
@@ -162,9 +162,6 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     print(f"{path}: migrated from state format {before} to format {STATE_FORMAT} "
           f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
     return EXIT_OK
-    print(f"{args.path}: migrated from state format {before} to format {STATE_FORMAT} "
-          f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
-    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade.add_argument("path", metavar="PATH", help="the store directory")
     upgrade.set_defaults(run=_cmd_upgrade)
+    _cli_changelog.register(commands)
     return parser
 
 

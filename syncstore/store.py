@@ -687,7 +687,7 @@ class Store:
         :class:`LogGap` naming the missing LSNs, and a delivery that does not
         continue a user's cursors raises :class:`CorruptionError` (the
         follower diverged) -- in both cases nothing of the call is applied.
-        Durable on return.  Only on a store opened with ``follower=True``.
+        Durable and visible on return, in every durability mode.  Only on a store opened with ``follower=True``.
         """
         writer = self._check_writer(leader=False)
         if isinstance(changes, (str, bytes)) or not isinstance(changes, Iterable):
@@ -699,7 +699,9 @@ class Store:
             if items and change.lsn != items[-1][0] + 1:
                 raise InvalidArgument(f"changes must be in LSN order without gaps: {change.lsn} after {items[-1][0]}", key="changes")
             items.append((change.lsn, change.record()))
-        return writer.append_records(items)
+        applied = writer.append_records(items)
+        writer.flush()  # durable and visible on return, whatever the durability mode: lsn and sync show them
+        return applied
 
     # --- verification and lifecycle -------------------------------------------------
 
