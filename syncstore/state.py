@@ -46,13 +46,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import groupby, islice
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lmdb
 
 from . import _codec
 from . import _statecheck
-from ._codec import DedupEntry, Deliver, ExpiredKey, Record, pack_u64, unpack_u64
+from ._codec import DedupEntry, Deliver, Expire, ExpiredKey, Record, pack_u64, unpack_u64
 from .model import InboxRef
 from ._layout import DEFAULT_FILE_MODE
 from .errors import CorruptionError, DurabilityError, InvalidArgument, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
@@ -566,22 +566,23 @@ class State:
         self._reopen_if_needed()  # the handles below must belong to the live environment
         if self.readonly or self.legacy:
             raise SyncStoreError("records can only be applied to a writable state of the current format", path=self.path)
-        runs = [(kind, list(run)) for kind, run in groupby(records, type)]
-        encoded = [(_encode_batch(run) if kind is Deliver else run) for kind, run in runs]  # type: ignore[arg-type]
+        runs: list[list[Record]] = [list(run) for _kind, run in groupby(records, type)]
+        # Pure encoding before the transaction opens, per run of deliveries.
+        encoded = {index: _encode_batch(cast("list[Deliver]", run)) for index, run in enumerate(runs) if type(run[0]) is Deliver}
 
         def write(txn: lmdb.Transaction) -> None:
-            last_id = 0
-            for (kind, run), prepared in zip(runs, encoded):
-                if kind is Deliver:
-                    batches, run_last_id = prepared  # type: ignore[misc]
+            last_id = -1  # msg_id 0 exists (a clock before 2020 at replica 0)
+            for index, run in enumerate(runs):
+                if index in encoded:
+                    batches, run_last_id = encoded[index]
                     for name, db, items in zip(_BATCH_DBS, (self.messages, self.inbox, self.history, self.dedup, self.dedup_expiry), batches):
                         self._put_sorted(txn, name, db, items)
                     last_id = max(last_id, run_last_id)
                 else:
-                    for record in run:
-                        self._expire(txn, record.keys)  # type: ignore[union-attr]
+                    for record in cast("list[Expire]", run):
+                        self._expire(txn, record.keys)
             stored = txn.get(_LAST_ID, db=self.meta)
-            if last_id and (stored is None or last_id > unpack_u64(stored)):
+            if last_id >= 0 and (stored is None or last_id > unpack_u64(stored)):
                 txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
             txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
 

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import _layout, _open
+from ._codec import Record
 from ._fileio import OS_FS, FileSystem
 from ._ids import MAX_REPLICA
 from ._writer import Writer
@@ -692,7 +693,7 @@ class Store:
         writer = self._check_writer(leader=False)
         if isinstance(changes, (str, bytes)) or not isinstance(changes, Iterable):
             raise InvalidArgument(f"changes must be an iterable of syncstore.Change, got {type(changes).__name__}", key="changes")
-        items = []
+        items: list[tuple[int, Record]] = []
         for index, change in enumerate(changes):
             if not isinstance(change, Change):
                 raise InvalidArgument(f"changes[{index}] is a {type(change).__name__}, not a syncstore.Change", key="changes")

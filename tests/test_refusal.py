@@ -88,7 +88,7 @@ def test_no_batch_is_applied_before_a_bad_record(unapplied, monkeypatch):
     refused(unapplied)
 
 
-@pytest.mark.parametrize("rtype", [0, 2, 255])
+@pytest.mark.parametrize("rtype", [0, 3, 255])  # 1 DELIVER, 2 EXPIRE
 def test_unknown_record_type_is_refused_without_change(unapplied, rtype):
     append_frame(unapplied, rtype, b"\x00" * 12)
     error = refused(unapplied)
