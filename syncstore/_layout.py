@@ -101,7 +101,7 @@ STATE_DIR = "state"
 
 MARKER_MAGIC = b"SSTORE\r\n"
 MARKER_VERSION = 1
-MARKER_BODY_FMT = ">8sHHIQ"  # magic, version, replica id, reserved, epoch (CRC follows)
+MARKER_BODY_FMT = ">8sHHIQ"  # magic, version, replica id, flags, epoch (CRC follows)
 MARKER_BODY_SIZE = 24
 assert struct.calcsize(MARKER_BODY_FMT) == MARKER_BODY_SIZE
 MARKER_CRC_FMT = ">I"
@@ -109,6 +109,9 @@ MARKER_SIZE = MARKER_BODY_SIZE + struct.calcsize(MARKER_CRC_FMT)
 assert MARKER_SIZE == 28
 _marker = struct.Struct(MARKER_BODY_FMT)
 _marker_crc = struct.Struct(MARKER_CRC_FMT)
+#: Marker flag bit: the store is a follower (takes only its leader's changes; ``promote()`` clears it).
+FLAG_FOLLOWER = 1
+_KNOWN_FLAGS = FLAG_FOLLOWER
 _MAX_REPLICA = 1023  # as syncstore._ids.MAX_REPLICA (not imported: the layout sits below the id module)
 
 DEFAULT_FILE_MODE = 0o600
@@ -125,11 +128,12 @@ class Marker:
     replica_id: int
     epoch: int
     version: int = MARKER_VERSION
+    follower: bool = False  # flag bit 0
 
 
 def encode_marker(marker: Marker) -> bytes:
     """The 28 bytes of ``marker``."""
-    body = _marker.pack(MARKER_MAGIC, marker.version, marker.replica_id, 0, marker.epoch)
+    body = _marker.pack(MARKER_MAGIC, marker.version, marker.replica_id, FLAG_FOLLOWER if marker.follower else 0, marker.epoch)
     return body + _marker_crc.pack(crc32c(body))
 
 
@@ -154,12 +158,17 @@ def decode_marker(data: bytes, path: str | None = None) -> Marker:
     (stored,) = _marker_crc.unpack_from(data, MARKER_BODY_SIZE)
     if stored != crc32c(data[:MARKER_BODY_SIZE]):
         raise CorruptionError("the store marker fails its CRC-32C", path=path, offset=MARKER_BODY_SIZE)
-    _magic, version, replica_id, reserved, epoch = _marker.unpack_from(data)
-    if reserved != 0:
-        raise CorruptionError(f"the store marker's reserved field is {reserved}, not 0", path=path, offset=12)
+    _magic, version, replica_id, flags, epoch = _marker.unpack_from(data)
+    if flags & ~_KNOWN_FLAGS:
+        raise CorruptionError(
+            f"the store marker has flags {flags:#x}, of which this syncstore knows only {_KNOWN_FLAGS:#x}",
+            path=path,
+            offset=12,
+            hint="open the store with the syncstore version that wrote it",
+        )
     if replica_id > _MAX_REPLICA:
         raise CorruptionError(f"the store marker names replica id {replica_id}, beyond {_MAX_REPLICA}", path=path, offset=10)
-    return Marker(replica_id, epoch, version)
+    return Marker(replica_id, epoch, version, follower=bool(flags & FLAG_FOLLOWER))
 
 
 def read_marker(store: str, fs: FileSystem = OS_FS) -> Marker:

@@ -69,8 +69,12 @@ def open_writable(
     clock: Callable[[], int],
     fs: FileSystem,
     retain: Callable[[int], int],
+    follower: bool = False,
 ) -> None:
     """Open (creating it if ``create``) the store at ``path`` for writing; fill ``opened``.
+
+    ``follower``: open (or create) a follower; a store's role is in its
+    marker, and opening it in the other role is refused.
 
     ``retain(applied)`` is the retention policy: up to which LSN WAL
     segments may be deleted (:meth:`syncstore.changelog.ChangeLog.retire_upto`).
@@ -96,7 +100,7 @@ def open_writable(
         if found.kind != "store" and found.kind != "legacy":
             if not create:
                 raise StoreNotFound(f"no store at {path}: the directory is empty", path=path)
-            _create(path, replica_id, file_mode or DEFAULT_FILE_MODE, fs)
+            _create(path, replica_id, file_mode or DEFAULT_FILE_MODE, fs, follower)
             found = Found("store")
         existing_mode = _layout.store_file_mode(path)
         _open_existing(
@@ -114,6 +118,7 @@ def open_writable(
             clock=clock,
             fs=fs,
             retain=retain,
+            follower=follower,
         )
         if file_mode is not None and file_mode != existing_mode:  # opened fine: now share (or unshare) it all
             _layout.apply_file_mode(path, file_mode)
@@ -122,7 +127,7 @@ def open_writable(
         os.close(dir_fd)
 
 
-def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem) -> None:
+def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem, follower: bool = False) -> None:
     """Start a new store: make the directory private and write the marker, first.
 
     The rest of creation -- the WAL directory and first segment, then the
@@ -135,9 +140,9 @@ def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem) -> None:
     for directory in (path, os.path.join(path, _layout.WAL_DIR), state_dir(path)):
         if os.path.isdir(directory):
             os.chmod(directory, _layout.dir_mode(file_mode))
-    marker = Marker(replica_id, _layout.new_epoch())
+    marker = Marker(replica_id, _layout.new_epoch(), follower=follower)
     _layout.write_marker(path, marker, file_mode, fs)
-    log.info("created store %s (replica %d, epoch %d)", path, replica_id, marker.epoch)
+    log.info("created %s %s (replica %d, epoch %d)", "follower" if follower else "store", path, replica_id, marker.epoch)
 
 
 def _open_existing(
@@ -156,6 +161,7 @@ def _open_existing(
     clock: Callable[[], int],
     fs: FileSystem,
     retain: Callable[[int], int],
+    follower: bool = False,
 ) -> None:
     """Validate everything, then (and only then) repair, migrate, replay and start.
 
@@ -167,6 +173,14 @@ def _open_existing(
     # A store's LOCK also keeps out writers of syncstore versions that flock only it.
     opened.lock_fd = _layout.hold_lock_file(path, create=False)
     marker = None if found.kind == "legacy" else _layout.read_marker(path, fs)
+    if marker is not None and marker.follower != follower:
+        raise InvalidArgument(
+            f"this store is {'a follower' if marker.follower else 'a leader'}: open it with follower={marker.follower}",
+            key="follower",
+            hint="promote() turns a follower into a leader; a leader becomes a follower only by restoring a snapshot with follower=True"
+            if marker.follower
+            else "a leader becomes a follower only by restoring a snapshot with syncstore.restore(..., follower=True) into a new path",
+        )
     if marker is not None and marker.replica_id != replica_id:
         raise InvalidArgument(
             f"this store was created with replica_id {marker.replica_id}, not {replica_id}",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import threading
@@ -336,6 +337,7 @@ class Store:
                         clock=self._clock,
                         fs=self._fs,
                         retain=self._changelog.retire_upto,
+                        follower=follower,
                     )
             finally:  # whatever was acquired, the store owns (and releases, if opening failed)
                 self._lock_fd, self._wal, self._state, self._writer = opened.lock_fd, opened.wal, opened.state, opened.writer
@@ -703,6 +705,26 @@ class Store:
         applied = writer.append_records(items)
         writer.flush()  # durable and visible on return, whatever the durability mode: lsn and sync show them
         return applied
+
+    def promote(self) -> int:
+        """Turn this follower into a writable leader (failover); return its new epoch.
+
+        The store takes local writes from now on and stops taking
+        ``apply_changes``.  It gets a new epoch, written to its marker before
+        this returns: its history forks from the old leader's here, so a
+        client holding the old leader's epoch resyncs (a reset page) instead
+        of silently mixing two histories.  Promote only once the old leader
+        is gone for good: both share the replica id, so message ids stay
+        unique only while one of them writes.
+        """
+        writer = self._check_writer(leader=False)
+        with writer.lock:  # no apply_changes meanwhile
+            marker = _layout.read_marker(self.path, self._fs)
+            promoted = dataclasses.replace(marker, epoch=_layout.new_epoch(), follower=False)
+            _layout.write_marker(self.path, promoted, _layout.store_file_mode(self.path), self._fs)
+            self.follower, self._epoch = False, promoted.epoch
+        log.warning("store %s promoted from follower to leader at LSN %d: new epoch %d", self.path, self.lsn, promoted.epoch)
+        return promoted.epoch
 
     # --- verification and lifecycle -------------------------------------------------
 

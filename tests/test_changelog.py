@@ -350,3 +350,32 @@ def test_retention_deletes_only_applied_unpinned_segments_beyond_the_setting_old
     if len(kept) > 1:
         head = kept[0]
         assert head.last_lsn > applied or (pin is not None and head.last_lsn > pin) or (remaining <= keep_bytes and head.age_ms <= keep_ms)
+
+
+def test_a_followers_role_is_in_its_marker_and_promote_makes_it_a_leader_with_a_new_epoch(tmp_path):
+    leader_path, follower_path = str(tmp_path / "leader"), str(tmp_path / "follower")
+    with syncstore.open(leader_path) as leader:
+        leader.deliver(msg(1), to=[1, 2])
+        leader.deliver(msg(2), to=[2])
+        changes = list(leader.changes())
+    with syncstore.open(follower_path, follower=True) as follower:
+        follower.apply_changes(changes)
+    with pytest.raises(syncstore.InvalidArgument, match="follower"):
+        syncstore.open(follower_path)  # a follower opened as a leader would fork its leader's history
+    with pytest.raises(syncstore.InvalidArgument, match="leader"):
+        syncstore.open(leader_path, follower=True)
+    with syncstore.open(follower_path, readonly=True) as view:  # views may read either
+        assert view.head(2) == 2
+    with syncstore.open(follower_path, follower=True) as follower:
+        old_epoch = follower.epoch
+        epoch = follower.promote()
+        assert epoch == follower.epoch != old_epoch and not follower.follower
+        with pytest.raises(syncstore.ReadOnlyStore, match="for followers"):
+            follower.apply_changes(changes)
+        with pytest.raises(syncstore.ReadOnlyStore):
+            follower.promote()
+        after = follower.deliver(msg(3), to=[2])
+        assert after.cursors == {2: 3} and after.msg_id > changes[-1].data.message.msg_id
+        assert follower.sync(2, since=2, epoch=old_epoch).reset  # clients of the old history resync
+    with syncstore.open(follower_path) as promoted:  # a leader now, for good
+        assert promoted.epoch == epoch and promoted.head(2) == 3

@@ -172,7 +172,7 @@ def test_bad_marker_is_refused_without_change(unapplied, damage):
         from crc32c import crc32c
 
         if damage == "reserved":
-            data[12:16] = b"\x00\x00\x00\x01"
+            data[12:16] = b"\x00\x00\x00\x02"  # an unknown flag (bit 0 is "follower")
         else:
             data[10:12] = struct.pack(">H", 1024)
         data[24:28] = struct.pack(">I", crc32c(bytes(data[:24])))
