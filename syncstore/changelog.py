@@ -535,7 +535,10 @@ class ChangeLog:
             return True
         if watchers is None or watchers.closed:
             return False
-        return event.wait(timeout) and not watchers.closed
+        if not event.wait(timeout):
+            return self.visible() > after
+        # Woken: by a write, or by the store closing -- what was written before it closed is still read.
+        return self.visible() > after or not watchers.closed
 
     def wait(self, user: int, since: int, timeout: float | None) -> bool:
         """See :meth:`Store.wait`."""
