@@ -14,6 +14,7 @@ from .errors import (
     DurabilityError,
     IdempotencyConflict,
     InvalidArgument,
+    LogGap,
     LayoutError,
     PermissionDenied,
     ReadersFull,
@@ -21,11 +22,13 @@ from .errors import (
     StoreClosed,
     StoreFull,
     StoreLocked,
+    SnapshotRequired,
     StoreNotFound,
     SyncStoreError,
     UsedAfterFork,
 )
-from .model import Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
+from .changelog import Consumer, ConsumerStatus
+from .model import Change, Delivered, Delivery, Expired, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
 from ._layout import renew_epoch
 from .snapshot import SnapshotInfo, restore, snapshot_chain
 from .store import DURABILITY_MODES, Store, open
@@ -42,6 +45,11 @@ __all__ = [
     "MessageRecord",
     "HistoryPage",
     "Messages",
+    "Change",
+    "Delivered",
+    "Expired",
+    "Consumer",
+    "ConsumerStatus",
     "DURABILITY_MODES",
     "SnapshotInfo",
     "snapshot_chain",
@@ -60,6 +68,8 @@ __all__ = [
     "ReadersFull",
     "UsedAfterFork",
     "IdempotencyConflict",
+    "SnapshotRequired",
+    "LogGap",
 ]
 
 __version__ = "0.1.0"

@@ -30,6 +30,9 @@ messaging server and checks the store got every bit of it right:
 8. *Reads beyond catch-up* (:mod:`syncstore._demo_reads`): sampled clients
    scroll back through conversations with ``history`` and fetch quoted
    messages with ``get``; both must match what the clients received.
+9. *The change log* (:mod:`syncstore._demo_stream`): a live tail and
+   long-polling clients during the second half, then a named consumer reads
+   the whole log and a follower replica rebuilt from it must equal the store.
 
 The function returns a frozen :class:`DemoResult`; :func:`format_report`
 renders it.  Progress is reported through a callback so the caller decides
@@ -48,10 +51,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import _demo_reads, _demo_safety, _layout
+from . import _demo_reads, _demo_safety, _demo_stream, _layout
 from . import store as _store
 from ._demo_reads import ReadsResult
 from ._demo_safety import SafetyResult
+from ._demo_stream import StreamResult
 from .errors import CorruptionError, InvalidArgument
 from .model import Delivery, Message
 
@@ -59,6 +63,7 @@ __all__ = ["DemoConfig", "Progress", "DemoResult", "run_demo", "format_report"]
 
 PAGE_SIZE = 50
 SAFETY_SAMPLE = 50  # reused keys, clients ahead, clients of an old epoch
+ONLINE_CLIENTS = 5  # devices that long-poll with wait() during the second half
 MIN_GROUP, MAX_GROUP = 3, 50
 _GROUP_CONV_BASE = 1 << 40  # conv ids of groups; 1:1 conv ids stay below
 _FILLER = (
@@ -131,6 +136,7 @@ class DemoResult:
     clients_verified: int
     safety: SafetyResult
     reads: ReadsResult
+    stream: StreamResult
     failures: tuple[str, ...]
     failure_count: int
     total_seconds: float
@@ -456,7 +462,11 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             closed = time.perf_counter()
             store = _store.open(path, durability="sync")
             close_ms, open_ms = (closed - start) * 1e3, (time.perf_counter() - closed) * 1e3
+            tail = _demo_stream.LiveTail(store)  # downstream of the store: sees the second half live
+            online = _demo_stream.OnlineClients(store, random.Random(config.seed + 4).sample(range(1, config.users + 1), min(ONLINE_CLIENTS, config.users)))
+            first_half = set(run.deliveries)
             seconds += _deliver_phase(run, store, "deliver 2/2", 1, config.seed + 2)
+            online_clients = online.stop_and_verify(run.fail)
             users = config.users
             for uid in range(1, users + 1):
                 run.catch_up(store, uid)
@@ -472,9 +482,13 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             ahead = _demo_safety.clients_ahead(store, received, rng, SAFETY_SAMPLE, run.fail)
             run.progress("history", 0, 1, "")
             reads = _demo_reads.scroll_back_and_quote(store, received, rng, SAFETY_SAMPLE, run.fail)
+            run.progress("change log", 0, 1, "")
+            consumed, replicated, replica_users = _demo_stream.consume_and_replicate(store, run.deliveries, users, rng, run.fail)
             old_epoch = store.epoch
         finally:
             store.close()
+        second_half = {key: delivery for key, delivery in run.deliveries.items() if key not in first_half}
+        stream = _demo_stream.StreamResult(tail.verify(second_half, run.fail), online_clients, online.wakeups, consumed, replicated, replica_users)
         _layout.renew_epoch(path)  # as restoring an older copy would (syncstore.renew_epoch)
         with _store.open(path, durability="sync") as store:
             epoch_resets = _demo_safety.clients_of_an_old_epoch(store, old_epoch, received, rng, SAFETY_SAMPLE, run.fail)
@@ -518,6 +532,7 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
         clients_verified=clients,
         safety=safety,
         reads=reads,
+        stream=stream,
         failures=tuple(run.failures),
         failure_count=run.failure_count,
         total_seconds=time.perf_counter() - began,
@@ -550,6 +565,12 @@ def format_report(result: DemoResult) -> str:
     lines.append(
         f"  history        {r.conversations} conversations scrolled back to their start ({r.history_pages} pages,"
         f" {r.history_messages:,} messages); {r.quotes} quoted messages fetched with get(msg_id)"
+    )
+    t = result.stream
+    lines.append(
+        f"  change log     a live tail got {t.tail_changes:,} changes as they were written; {t.online_clients} online clients"
+        f" long-polled (woken {t.wakeups:,} times); a named consumer read and acknowledged {t.consumer_changes:,};"
+        f" a follower applied {t.follower_changes:,} (restarted half-way), {t.follower_users:,} inboxes equal the leader's"
     )
     if result.check:
         lines.append(

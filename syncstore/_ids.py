@@ -75,3 +75,9 @@ class MessageIds:
             )
         self._last_ms, self._seq = ms, seq
         return (self._last_ms << _TIME_SHIFT) | (self._replica << SEQUENCE_BITS) | self._seq
+
+    def observe(self, msg_id: int) -> None:
+        """Raise the floor to ``msg_id`` (a follower saw its leader issue it): ids issued later are greater."""
+        ms, seq = msg_id >> _TIME_SHIFT, msg_id & _MAX_SEQUENCE
+        if (ms, seq) > (self._last_ms, self._seq):
+            self._last_ms, self._seq = ms, seq

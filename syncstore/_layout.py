@@ -101,7 +101,7 @@ STATE_DIR = "state"
 
 MARKER_MAGIC = b"SSTORE\r\n"
 MARKER_VERSION = 1
-MARKER_BODY_FMT = ">8sHHIQ"  # magic, version, replica id, reserved, epoch (CRC follows)
+MARKER_BODY_FMT = ">8sHHIQ"  # magic, version, replica id, flags, epoch (CRC follows)
 MARKER_BODY_SIZE = 24
 assert struct.calcsize(MARKER_BODY_FMT) == MARKER_BODY_SIZE
 MARKER_CRC_FMT = ">I"
@@ -109,6 +109,9 @@ MARKER_SIZE = MARKER_BODY_SIZE + struct.calcsize(MARKER_CRC_FMT)
 assert MARKER_SIZE == 28
 _marker = struct.Struct(MARKER_BODY_FMT)
 _marker_crc = struct.Struct(MARKER_CRC_FMT)
+#: Marker flag bit: the store is a follower (takes only its leader's changes; ``promote()`` clears it).
+FLAG_FOLLOWER = 1
+_KNOWN_FLAGS = FLAG_FOLLOWER
 _MAX_REPLICA = 1023  # as syncstore._ids.MAX_REPLICA (not imported: the layout sits below the id module)
 
 DEFAULT_FILE_MODE = 0o600
@@ -125,11 +128,12 @@ class Marker:
     replica_id: int
     epoch: int
     version: int = MARKER_VERSION
+    follower: bool = False  # flag bit 0
 
 
 def encode_marker(marker: Marker) -> bytes:
     """The 28 bytes of ``marker``."""
-    body = _marker.pack(MARKER_MAGIC, marker.version, marker.replica_id, 0, marker.epoch)
+    body = _marker.pack(MARKER_MAGIC, marker.version, marker.replica_id, FLAG_FOLLOWER if marker.follower else 0, marker.epoch)
     return body + _marker_crc.pack(crc32c(body))
 
 
@@ -154,12 +158,17 @@ def decode_marker(data: bytes, path: str | None = None) -> Marker:
     (stored,) = _marker_crc.unpack_from(data, MARKER_BODY_SIZE)
     if stored != crc32c(data[:MARKER_BODY_SIZE]):
         raise CorruptionError("the store marker fails its CRC-32C", path=path, offset=MARKER_BODY_SIZE)
-    _magic, version, replica_id, reserved, epoch = _marker.unpack_from(data)
-    if reserved != 0:
-        raise CorruptionError(f"the store marker's reserved field is {reserved}, not 0", path=path, offset=12)
+    _magic, version, replica_id, flags, epoch = _marker.unpack_from(data)
+    if flags & ~_KNOWN_FLAGS:
+        raise CorruptionError(
+            f"the store marker has flags {flags:#x}, of which this syncstore knows only {_KNOWN_FLAGS:#x}",
+            path=path,
+            offset=12,
+            hint="open the store with the syncstore version that wrote it",
+        )
     if replica_id > _MAX_REPLICA:
         raise CorruptionError(f"the store marker names replica id {replica_id}, beyond {_MAX_REPLICA}", path=path, offset=10)
-    return Marker(replica_id, epoch, version)
+    return Marker(replica_id, epoch, version, follower=bool(flags & FLAG_FOLLOWER))
 
 
 def read_marker(store: str, fs: FileSystem = OS_FS) -> Marker:
@@ -169,16 +178,25 @@ def read_marker(store: str, fs: FileSystem = OS_FS) -> Marker:
 
 
 def write_marker(store: str, marker: Marker, file_mode: int, fs: FileSystem = OS_FS) -> None:
-    """Write the marker atomically: temp file, fsync, rename over, fsync the directory."""
-    temp, final = os.path.join(store, MARKER_TEMP), os.path.join(store, MARKER)
+    """Write the marker atomically (:func:`write_atomically`)."""
+    write_atomically(store, MARKER, encode_marker(marker), file_mode, fs, temp_name=MARKER_TEMP)
+
+
+def write_atomically(directory: str, name: str, data: bytes, file_mode: int, fs: FileSystem = OS_FS, *, temp_name: str | None = None) -> None:
+    """Replace ``directory/name`` with ``data`` atomically: temp file, fsync, rename over, fsync the directory.
+
+    A crash leaves the old file or the new one, never a mix; at worst a
+    leftover temp file (``name + ".tmp"`` unless ``temp_name`` is given).
+    """
+    temp, final = os.path.join(directory, temp_name or name + ".tmp"), os.path.join(directory, name)
     fd = create_file(fs, temp, os.O_WRONLY | os.O_TRUNC, file_mode)
     try:
-        fs.pwrite(fd, encode_marker(marker), 0)
+        fs.pwrite(fd, data, 0)
         fs.fsync(fd)
     finally:
         fs.close(fd)
     fs.rename(temp, final)
-    fs.fsync_dir(store)
+    fs.fsync_dir(directory)
 
 
 def new_epoch() -> int:

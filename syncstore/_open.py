@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 
 from . import _codec, _layout, _migrate
-from ._codec import RECORD_DELIVER, Deliver
+from ._codec import RECORD_DELIVER, Record
 from ._fileio import FileSystem
 from ._ids import MessageIds
 from ._layout import DEFAULT_FILE_MODE, Found, Marker
@@ -68,8 +68,17 @@ def open_writable(
     dedup_window_ms: int,
     clock: Callable[[], int],
     fs: FileSystem,
+    retain: Callable[[int], int],
+    follower: bool = False,
 ) -> None:
-    """Open (creating it if ``create``) the store at ``path`` for writing; fill ``opened``."""
+    """Open (creating it if ``create``) the store at ``path`` for writing; fill ``opened``.
+
+    ``follower``: open (or create) a follower; a store's role is in its
+    marker, and opening it in the other role is refused.
+
+    ``retain(applied)`` is the retention policy: up to which LSN WAL
+    segments may be deleted (:meth:`syncstore.changelog.ChangeLog.retire_upto`).
+    """
     found = _layout.inspect(path)
     if found.kind == "missing":
         if not create:
@@ -91,7 +100,7 @@ def open_writable(
         if found.kind != "store" and found.kind != "legacy":
             if not create:
                 raise StoreNotFound(f"no store at {path}: the directory is empty", path=path)
-            _create(path, replica_id, file_mode or DEFAULT_FILE_MODE, fs)
+            _create(path, replica_id, file_mode or DEFAULT_FILE_MODE, fs, follower)
             found = Found("store")
         existing_mode = _layout.store_file_mode(path)
         _open_existing(
@@ -108,6 +117,8 @@ def open_writable(
             dedup_window_ms=dedup_window_ms,
             clock=clock,
             fs=fs,
+            retain=retain,
+            follower=follower,
         )
         if file_mode is not None and file_mode != existing_mode:  # opened fine: now share (or unshare) it all
             _layout.apply_file_mode(path, file_mode)
@@ -116,7 +127,7 @@ def open_writable(
         os.close(dir_fd)
 
 
-def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem) -> None:
+def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem, follower: bool = False) -> None:
     """Start a new store: make the directory private and write the marker, first.
 
     The rest of creation -- the WAL directory and first segment, then the
@@ -129,9 +140,9 @@ def _create(path: str, replica_id: int, file_mode: int, fs: FileSystem) -> None:
     for directory in (path, os.path.join(path, _layout.WAL_DIR), state_dir(path)):
         if os.path.isdir(directory):
             os.chmod(directory, _layout.dir_mode(file_mode))
-    marker = Marker(replica_id, _layout.new_epoch())
+    marker = Marker(replica_id, _layout.new_epoch(), follower=follower)
     _layout.write_marker(path, marker, file_mode, fs)
-    log.info("created store %s (replica %d, epoch %d)", path, replica_id, marker.epoch)
+    log.info("created %s %s (replica %d, epoch %d)", "follower" if follower else "store", path, replica_id, marker.epoch)
 
 
 def _open_existing(
@@ -149,6 +160,8 @@ def _open_existing(
     dedup_window_ms: int,
     clock: Callable[[], int],
     fs: FileSystem,
+    retain: Callable[[int], int],
+    follower: bool = False,
 ) -> None:
     """Validate everything, then (and only then) repair, migrate, replay and start.
 
@@ -160,6 +173,14 @@ def _open_existing(
     # A store's LOCK also keeps out writers of syncstore versions that flock only it.
     opened.lock_fd = _layout.hold_lock_file(path, create=False)
     marker = None if found.kind == "legacy" else _layout.read_marker(path, fs)
+    if marker is not None and marker.follower != follower:
+        raise InvalidArgument(
+            f"this store is {'a follower' if marker.follower else 'a leader'}: open it with follower={marker.follower}",
+            key="follower",
+            hint="promote() turns a follower into a leader; a leader becomes a follower only by restoring a snapshot with follower=True"
+            if marker.follower
+            else "a leader becomes a follower only by restoring a snapshot with syncstore.restore(..., follower=True) into a new path",
+        )
     if marker is not None and marker.replica_id != replica_id:
         raise InvalidArgument(
             f"this store was created with replica_id {marker.replica_id}, not {replica_id}",
@@ -232,7 +253,7 @@ def _open_existing(
     with _gc_paused:
         _replay(path, wal, state, applied)
     state.sync()
-    wal.retire(wal.end_lsn)
+    wal.retire(retain(wal.end_lsn))
     ids = MessageIds(replica_id, clock, floor=state.last_msg_id())
     opened.writer = Writer(
         path,
@@ -242,6 +263,7 @@ def _open_existing(
         durability=durability,
         clock_ms=clock,
         dedup_window_ms=dedup_window_ms,
+        retain=retain,
     )
 
 
@@ -338,7 +360,8 @@ def _check_replay(wal: WriteAheadLog, probe: State | None, applied: int) -> None
     try:
         for frame in wal.frames(applied, check_crc=False):  # recover() has just verified every CRC
             if frame.rtype != RECORD_DELIVER:
-                _decode_record(frame, wal)  # raises, naming the type, file and offset
+                _decode_record(frame, wal)  # raises on an unknown type or bad lengths, naming the file and offset
+                continue
             pairs = _codec.deliver_pairs(frame.body, wal.segment_of(frame.lsn), frame.offset)
             if not pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
                 raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
@@ -358,11 +381,12 @@ def _check_replay(wal: WriteAheadLog, probe: State | None, applied: int) -> None
 
 def _replay(path: str, wal: WriteAheadLog, state: State, applied: int) -> None:
     """Apply the WAL records after ``applied`` (checked by :func:`_check_replay`) to LMDB, in batches."""
-    decode = _codec.decode_deliver
-    batch: list[Deliver] = []
+    decode, decode_any = _codec.decode_deliver, _codec.decode_record
+    batch: list[Record] = []
     last = applied
     for frame in wal.frames(applied, check_crc=False):  # LSNs are dense: the k-th has LSN applied + k
-        batch.append(decode(frame.body))  # lengths already checked by _check_replay
+        # Lengths already checked by _check_replay.
+        batch.append(decode(frame.body) if frame.rtype == RECORD_DELIVER else decode_any(frame.rtype, frame.body))
         if len(batch) >= _REPLAY_BATCH:
             last += len(batch)
             state.apply(batch, last)
@@ -374,14 +398,6 @@ def _replay(path: str, wal: WriteAheadLog, state: State, applied: int) -> None:
         log.info("replayed WAL records %d..%d into %s", applied + 1, last, path)
 
 
-def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Deliver:
-    """The DELIVER record in ``frame``; errors name the segment file and the frame's offset."""
-    path = wal.segment_of(frame.lsn)
-    if frame.rtype != RECORD_DELIVER:
-        raise CorruptionError(
-            f"unknown WAL record type {frame.rtype} (LSN {frame.lsn})",
-            path=path,
-            offset=frame.offset,
-            hint="open it with the syncstore version that wrote it",
-        )
-    return _codec.decode_deliver(frame.body, path=path, offset=frame.offset)
+def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Record:
+    """The record in ``frame``; errors (unknown type, bad lengths) name the segment file and the frame's offset."""
+    return _codec.decode_record(frame.rtype, frame.body, frame.lsn, wal.segment_of(frame.lsn), frame.offset)

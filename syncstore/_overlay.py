@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from ._codec import Deliver
+from ._codec import Deliver, Record
 from .model import MessageRecord, StoredMessage
 
 #: First delivery of an idempotency key still in the overlay: (lsn, record).  The
@@ -31,7 +31,7 @@ class Overlay:
     """Unapplied records, indexed by user and by idempotency key."""
 
     def __init__(self) -> None:
-        self._records: deque[tuple[int, Deliver]] = deque()
+        self._records: deque[tuple[int, Record]] = deque()  # every kind, in LSN order
         # uid -> [(cursor, lsn, record)], ascending in both cursor and lsn; the
         # StoredMessage is built only if read (most records are applied unread).
         self._inbox: dict[int, list[tuple[int, int, Deliver]]] = {}
@@ -41,9 +41,11 @@ class Overlay:
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, lsn: int, record: Deliver) -> None:
-        """Index a newly sequenced record."""
+    def add(self, lsn: int, record: Record) -> None:
+        """Index a newly sequenced record (only deliveries have anything to index)."""
         self._records.append((lsn, record))
+        if type(record) is not Deliver:
+            return
         inbox = self._inbox
         for uid, cursor in record.pairs:
             entry = (cursor, lsn, record)
@@ -96,7 +98,7 @@ class Overlay:
         ]
         return out, entries[0][0]
 
-    def take(self, upto_lsn: int, limit: int, max_users: int | None = None) -> tuple[list[Deliver], int]:
+    def take(self, upto_lsn: int, limit: int, max_users: int | None = None) -> tuple[list[Record], int]:
         """Up to ``limit`` oldest records with LSN <= ``upto_lsn``, and the LSN of the last one (0 if none).
 
         ``max_users`` also stops once the records taken reach that many
@@ -111,7 +113,7 @@ class Overlay:
                 break
             out.append(record)
             last = lsn
-            if max_users is not None:
+            if max_users is not None and type(record) is Deliver:
                 users.update(uid for uid, _cursor in record.pairs)
         return out, last
 
@@ -134,8 +136,10 @@ class Overlay:
             dropped += 1
         return dropped
 
-    def _unindex(self, lsn: int, record: Deliver, end: int) -> None:
+    def _unindex(self, lsn: int, record: Record, end: int) -> None:
         """Remove a record taken off one ``end`` of the queue (0: oldest, -1: newest) from the indexes."""
+        if type(record) is not Deliver:
+            return
         inbox = self._inbox
         for uid, _cursor in record.pairs:
             entries = inbox.get(uid)
@@ -149,6 +153,16 @@ class Overlay:
         pending = self._dedup.get(key)
         if pending is not None and pending[0] == lsn:
             del self._dedup[key]
+
+    def since(self, after_lsn: int) -> list[tuple[int, Record]]:
+        """The records with LSN > ``after_lsn``, oldest first (a short tail: read from the newest end)."""
+        out = []
+        for item in reversed(self._records):
+            if item[0] <= after_lsn:
+                break
+            out.append(item)
+        out.reverse()
+        return out
 
     def check_continues(self, heads: dict[int, int], applied_lsn: int) -> str | None:
         """Describe the first user whose pending cursors do not densely continue ``heads``, else None.

@@ -110,7 +110,7 @@ def _restore_locked(directory: str, target: str, lsn: int | None, follower: bool
         file_bytes += entry.size
     epoch = manifest.epoch if follower else _layout.new_epoch()
     rid = manifest.replica_id if replica_id is None else replica_id
-    _build(target, zip(paths, chain), manifest, chain[-1], Marker(rid, epoch), file_bytes, fs)
+    _build(target, zip(paths, chain), manifest, chain[-1], Marker(rid, epoch, follower=follower), file_bytes, fs)
     log.info("restored %s from %s: LSN %d (%d files), epoch %d%s", target, directory, chain[-1].lsn, len(chain), epoch, " (the source's: a follower)" if follower else "")
     return SnapshotInfo.of(directory, chain[-1])
 
@@ -201,7 +201,7 @@ def _fill(state: State, files: Iterable[tuple[str, ChainEntry]], manifest: Manif
                     txn, pending = env.begin(write=True), 0
         if last.lsn:  # a store that never applied a record has no applied_lsn key (it reads as 0)
             txn.put(_APPLIED, pack_u64(last.lsn), db=state.meta)
-        if last.last_msg_id:
+        if last.last_msg_id is not None:  # msg_id 0 exists; None: the source had applied no message
             txn.put(_LAST_ID, pack_u64(last.last_msg_id), db=state.meta)
         txn.commit()
     except lmdb.MapFullError as error:

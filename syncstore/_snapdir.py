@@ -18,6 +18,7 @@ so tests can count the operations and kill the process at any one of them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -181,11 +182,15 @@ class SnapWriter:
             self._blocks += 1
             self._raw += len(raw)
 
-    def finish(self, header: Header, last_msg_id: int) -> ChainEntry:
-        """Write the trailer and the header, fsync, rename to the final name, fsync the directory."""
+    def finish(self, header: Header, last_msg_id: int | None) -> ChainEntry:
+        """Write the trailer and the header, fsync, rename to the final name, fsync the directory.
+
+        ``last_msg_id`` is the state's (None if it has none: header flag bit 0 clear).
+        """
         self.flush(final=True)
         rows = self.rows
-        trailer = Trailer(self._blocks, rows.puts + rows.deletes, rows.puts, rows.deletes, self._raw, last_msg_id, self._body_crc)
+        header = dataclasses.replace(header, has_last_msg_id=last_msg_id is not None)
+        trailer = Trailer(self._blocks, rows.puts + rows.deletes, rows.puts, rows.deletes, self._raw, last_msg_id or 0, self._body_crc)
         self._fs.pwrite(self._fd, fmt.encode_trailer(trailer), self._offset)
         self._fs.pwrite(self._fd, fmt.encode_header(header), 0)
         self._fs.fsync(self._fd)
@@ -261,5 +266,6 @@ def read_blocks(path: str, entry: ChainEntry, manifest: Manifest) -> Iterator[li
                 path=path,
                 offset=offset,
             )
-        if (trailer.rows, trailer.puts, trailer.deletes, trailer.body_crc, trailer.last_msg_id) != (entry.rows, entry.puts, entry.deletes, entry.crc, entry.last_msg_id):
+        in_file = trailer.last_msg_id if header.has_last_msg_id else None
+        if (trailer.rows, trailer.puts, trailer.deletes, trailer.body_crc, in_file) != (entry.rows, entry.puts, entry.deletes, entry.crc, entry.last_msg_id):
             raise CorruptionError("snapshot file's counts or checksum differ from what the manifest says", path=path, offset=offset, hint="the file is not the one the manifest was written for; nothing was written")

@@ -11,7 +11,7 @@ a header, blocks of rows, a trailer::
     0       8     magic b"SSSNAP\\r\\n"
     8       2     format version, 1
     10      1     kind: 1 base (the whole state), 2 delta (items changed since the previous snapshot)
-    11      1     reserved, 0
+    11      1     flags: bit 0 set when the state holds a last_msg_id (the trailer's); others 0
     12      2     replica id of the source store
     14      2     reserved, 0
     16      8     LSN: the snapshot is the state with every WAL record up to this LSN applied
@@ -42,7 +42,8 @@ a header, blocks of rows, a trailer::
     16      8     puts
     24      8     deletes
     32      8     raw bytes: the sum of the blocks' U
-    40      8     last_msg_id of the state at the LSN (the id generator's floor after a restore)
+    40      8     last_msg_id of the state at the LSN (the id generator's floor after a
+                  restore); 0 when header flag bit 0 is clear (no message was ever applied)
     48      4     CRC-32C of the blocks: bytes 44 up to the trailer (the manifest repeats it)
     52      4     CRC-32C of bytes 0..51 of the trailer
 
@@ -127,6 +128,7 @@ BASE, DELTA = 1, 2
 KIND_NAMES = {BASE: "base", DELTA: "delta"}
 KIND_IDS = {name: kind for kind, name in KIND_NAMES.items()}
 PUT, DELETE = 1, 2
+FLAG_LAST_MSG_ID = 1  # header flag bit 0
 
 #: Database ids in rows, and the LMDB databases they name (state.py's key layout).
 DB_NAMES = {1: "messages", 2: "inbox", 3: "history", 4: "dedup", 5: "dedup_expiry"}
@@ -135,7 +137,7 @@ DUP_DBS = frozenset({"inbox", "history"})  # DUPSORT: an item is one (key, dupli
 _DUP_IDS = frozenset(DB_IDS[name] for name in DUP_DBS)
 MAX_KEY = 511  # LMDB's default maximum key (and DUPSORT duplicate) size
 
-HEADER_FMT = ">8sHBBHHQQQ"  # magic, version, kind, reserved, replica id, reserved, LSN, previous LSN, epoch
+HEADER_FMT = ">8sHBBHHQQQ"  # magic, version, kind, flags, replica id, reserved, LSN, previous LSN, epoch
 HEADER_BODY_SIZE = 40
 assert struct.calcsize(HEADER_FMT) == HEADER_BODY_SIZE
 CRC_FMT = ">I"
@@ -191,11 +193,13 @@ class Header:
     lsn: int
     prev_lsn: int
     epoch: int
+    has_last_msg_id: bool = False  # flag bit 0: the trailer's last_msg_id is the state's (else it had none)
 
 
 def encode_header(header: Header) -> bytes:
     """The 44 header bytes of a snapshot file."""
-    body = _header.pack(SNAP_MAGIC, VERSION, header.kind, 0, header.replica_id, 0, header.lsn, header.prev_lsn, header.epoch)
+    flags = FLAG_LAST_MSG_ID if header.has_last_msg_id else 0
+    body = _header.pack(SNAP_MAGIC, VERSION, header.kind, flags, header.replica_id, 0, header.lsn, header.prev_lsn, header.epoch)
     return body + _crc.pack(crc32c_of(body))
 
 
@@ -203,7 +207,7 @@ def decode_header(data: bytes, path: str | None = None) -> Header:
     """Decode and check a header (magic, version, CRC, fields); :class:`CorruptionError` at the failed check's offset."""
     if len(data) < HEADER_SIZE:
         raise CorruptionError(f"snapshot file is {len(data)} bytes, shorter than its {HEADER_SIZE}-byte header", path=path, offset=len(data))
-    magic, version, kind, reserved, replica_id, reserved2, lsn, prev_lsn, epoch = _header.unpack_from(data, 0)
+    magic, version, kind, flags, replica_id, reserved, lsn, prev_lsn, epoch = _header.unpack_from(data, 0)
     if magic != SNAP_MAGIC:
         raise CorruptionError("not a syncstore snapshot file (bad magic)", path=path, offset=0)
     if version != VERSION:
@@ -218,11 +222,13 @@ def decode_header(data: bytes, path: str | None = None) -> Header:
         raise CorruptionError("snapshot file header fails its CRC-32C", path=path, offset=HEADER_BODY_SIZE)
     if kind not in KIND_NAMES:
         raise CorruptionError(f"snapshot file kind {kind} is neither base (1) nor delta (2)", path=path, offset=10)
-    if reserved or reserved2:
-        raise CorruptionError("snapshot file header has non-zero reserved bytes", path=path, offset=11 if reserved else 14)
+    if flags & ~FLAG_LAST_MSG_ID:
+        raise CorruptionError(f"snapshot file header has unknown flags {flags:#x}", path=path, offset=11)
+    if reserved:
+        raise CorruptionError("snapshot file header has non-zero reserved bytes", path=path, offset=14)
     if (kind == BASE and prev_lsn != 0) or (kind == DELTA and prev_lsn >= lsn):  # a delta may follow a base at LSN 0
         raise CorruptionError(f"snapshot {KIND_NAMES[kind]} at LSN {lsn} names previous LSN {prev_lsn}", path=path, offset=24)
-    return Header(kind, replica_id, lsn, prev_lsn, epoch)
+    return Header(kind, replica_id, lsn, prev_lsn, epoch, bool(flags & FLAG_LAST_MSG_ID))
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +466,7 @@ class ChainEntry:
     rows: int
     puts: int
     deletes: int
-    last_msg_id: int
+    last_msg_id: int | None  # None: the state had applied no message (msg_id 0 exists)
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,9 +531,10 @@ def decode_manifest(data: bytes, path: str | None = None) -> Manifest:
         name, kind_name = item["name"], item["kind"]
         if type(name) is not str or type(kind_name) is not str or kind_name not in KIND_IDS:
             raise CorruptionError(f"{what}: name {name!r} / kind {kind_name!r} are not a file name and base/delta", path=path, offset=at)
-        numbers = {field: _u64_field(item, field, what, path) for field in _ENTRY_FIELDS[2:]}
+        numbers = {field: _u64_field(item, field, what, path) for field in _ENTRY_FIELDS[2:-1]}
+        last_msg_id = None if item["last_msg_id"] is None else _u64_field(item, "last_msg_id", what, path)
         entry = ChainEntry(name, KIND_IDS[kind_name], numbers["lsn"], numbers["prev_lsn"], numbers["size"], numbers["crc32c"],
-                           numbers["rows"], numbers["puts"], numbers["deletes"], numbers["last_msg_id"])
+                           numbers["rows"], numbers["puts"], numbers["deletes"], last_msg_id)
         if parse_file_name(name) != (entry.kind, entry.lsn, entry.prev_lsn):
             raise CorruptionError(
                 f"{what} names the file {name!r}, which is not the name of a {kind_name} at LSN {entry.lsn}",

@@ -17,8 +17,10 @@
    any load.
 3. The *applier* thread moves durable records from the overlay into LMDB in
    large batches, so LMDB's own fsync is paid per batch, not per group; it
-   also purges expired dedup entries, clears stale reader slots and retires
-   WAL segments.
+   also sequences EXPIRE records for idempotency keys past the dedup window
+   (expiry is a logged write like any other, so followers and snapshot deltas
+   see it), clears stale reader slots and retires WAL segments the retention
+   policy lets go (:mod:`syncstore.changelog`).
 
 **Visibility** (Kafka's high watermark): readers see only records whose WAL
 frames are durable (:attr:`Writer.synced_lsn`).  In "interval"/"none" mode an
@@ -50,10 +52,11 @@ from collections.abc import Callable, Sequence
 import lmdb
 
 from . import _codec
-from ._codec import Deliver, Pairs
+from ._codec import RECORD_DELIVER, RECORD_EXPIRE, Deliver, Expire, Pairs, Record
 from ._idempotency import Idempotency
 from ._ids import MessageIds, msg_id_ms
 from ._overlay import Overlay
+from ._watch import Watchers
 from .errors import CorruptionError, DurabilityError, StoreClosed, StoreFull, SyncStoreError
 from .model import Message, MessageRecord, StoredMessage
 from .state import State
@@ -143,6 +146,7 @@ class Writer:
         clock_ms: Callable[[], int],
         dedup_window_ms: int,
         monotonic: Callable[[], float] | None = None,
+        retain: Callable[[int], int] | None = None,
     ) -> None:
         self._path = path
         self._state = state
@@ -152,7 +156,13 @@ class Writer:
         self._clock = clock_ms
         self._monotonic = monotonic or _monotonic
         self._dedup_window_ms = dedup_window_ms
+        # Retention: given the applied LSN, up to which LSN WAL segments may go (the change log's policy).
+        self._retain = retain or (lambda applied: applied)
+        self._retention_problem = ""  # the last retention error logged (each distinct one once)
+        self.watchers = Watchers()  # Store.wait and follow=True tails
+        self._expire_lsn = 0  # LSN of the last EXPIRE sequenced: one at a time, until it is applied
         end = wal.end_lsn
+        self._notified_lsn = end
         self._next_lsn = end + 1
         # written: reached the OS; synced: durable (the high watermark: what readers
         # see); acked: what callers were told is done (written, or synced in "sync" mode).
@@ -449,7 +459,9 @@ class Writer:
                         self._unsynced_since = self._monotonic()
                         self._synced.notify_all()  # start the syncer's timer
                 self.acked_lsn = last
-                if not sync_mode:
+                if sync_mode:
+                    self._notify_durable()
+                else:
                     self._sync_if_due()
         finally:
             with self._synced:
@@ -512,6 +524,7 @@ class Writer:
             # Frames written after target was read became unsynced no earlier than `since`.
             self._unsynced_since = None if self._written_lsn == target else since
             self._synced.notify_all()
+        self._notify_durable()
         return True
 
     def _request_sync(self) -> None:
@@ -520,14 +533,14 @@ class Writer:
             self._synced.notify_all()
 
     def flush(self) -> None:
-        """Wait until every write acknowledged so far is durable (and so visible to readers).
+        """Wait until every write sequenced so far is durable (and so visible to readers).
 
         In "sync" mode that is already true; otherwise the syncer syncs now
         instead of at its timer.  Raises the writer's failure if the sync fails.
         """
-        target = self.acked_lsn
+        target = self._next_lsn - 1  # everything sequenced so far (an EXPIRE too), acknowledged or about to be
         with self._synced:
-            while self.synced_lsn < target:
+            while self.synced_lsn < min(target, self._next_lsn - 1):  # a rollback (disk full) may take some back
                 if self.failure is not None:
                     raise self._failure_copy()
                 if self._stopped:
@@ -564,8 +577,8 @@ class Writer:
                     self._apply_unlocked()
                     now = time.monotonic()
                     if now >= next_purge:
-                        removed = self._state.purge_dedup(self._clock() - self._dedup_window_ms, _PURGE_BATCH)
-                        next_purge = 0.0 if removed == _PURGE_BATCH else now + 1.0
+                        expired = self.expire_dedup()
+                        next_purge = 0.0 if expired == _PURGE_BATCH else now + 1.0
                     if now >= next_reader_check:
                         self._state.clear_stale_readers()
                         next_reader_check = now + _READER_CHECK_S
@@ -605,6 +618,7 @@ class Writer:
             with _gc_paused:
                 self._state.apply(records, last)
             with self.lock:
+                self._notify_locked(last)  # before they leave the overlay: a waiter must hear of them
                 self.overlay.forget(last)
             with self._applied:
                 self._applied.notify_all()
@@ -612,9 +626,126 @@ class Writer:
         if self._apply_full is not None:
             log.warning("store %s: LMDB accepts writes again", self._path)
             self._apply_full = None
-        if applied and len(self._wal.segment_paths()) > 1:
-            self._state.sync()  # the applied LSN must be durable before its WAL goes
-            self._wal.retire(applied)
+        if len(self._wal.segment_paths()) > 1:  # also with nothing new applied: a consumer's ack may free segments
+            upto = self._retention_upto(applied or self._state.applied_lsn())
+            if upto >= self._wal.first_lsn:
+                self._state.sync()  # the applied LSN must be durable before its WAL goes
+                self._wal.retire(upto)
+
+    def _retention_upto(self, applied: int) -> int:
+        """The retention policy's answer, or 0 (delete nothing) if it cannot be read -- logged once per distinct problem.
+
+        Retention is housekeeping: a damaged consumers file or an I/O error
+        reading it must keep the log (the safe side), never stop the applier.
+        """
+        try:
+            return self._retain(applied)
+        except (OSError, SyncStoreError) as error:
+            if str(error) != self._retention_problem:
+                self._retention_problem = str(error)
+                log.warning("store %s: WAL retention skipped (nothing deleted): %s", self._path, error)
+            return 0
+
+    def expire_dedup(self, limit: int = _PURGE_BATCH) -> int:
+        """Sequence an EXPIRE record for up to ``limit`` idempotency keys past the dedup window; return how many.
+
+        Called by the applier (apply lock held, so LMDB's expiry index does
+        not change underneath).  One EXPIRE at a time: none while the last is
+        unapplied, since its keys are still in LMDB.  The record is applied
+        like any other, once durable.
+        """
+        if self._expire_lsn > self._state.applied_lsn():
+            return 0
+        keys = self._state.expired_keys(self._clock() - self._dedup_window_ms, limit)
+        if not keys:
+            return 0
+        with self.lock:
+            if self.failure is not None or self._stopping:
+                return 0
+            self._expire_lsn = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(Expire(keys)), Expire(keys))
+        return len(keys)
+
+    def _append_locked(self, rtype: int, body: bytes, record: Record) -> int:
+        """Frame a record sequenced elsewhere (expiry, a leader's record) at the next LSN.  Sequencing lock held."""
+        lsn = self._next_lsn
+        self._frames.append(_codec.encode_unsealed(lsn, rtype, body))
+        self._next_lsn = lsn + 1
+        if self._flusher_idle:
+            self._work.notify()
+        self.overlay.add(lsn, record)
+        return lsn
+
+    def append_records(self, items: Sequence[tuple[int, Record]]) -> int:
+        """A follower's write: append a leader's records at their own LSNs; wait until durable; return how many were new.
+
+        A record at or below the log's end was applied before and is skipped
+        (it must be the same record: the caller's stream is the leader's).
+        One beyond the next LSN is a gap: :class:`InvalidArgument`-like
+        :class:`~syncstore.errors.LogGap` naming the missing LSNs, and
+        nothing of the batch is appended.  A delivery whose cursors do not
+        continue its recipients' heads means the follower diverged from the
+        leader: :class:`CorruptionError`, nothing appended.
+        """
+        from .errors import LogGap  # noqa: PLC0415 - keeps the hot path's imports short
+
+        self._backpressure()
+        with self.lock:
+            self._check_writable()
+            expected = self._next_lsn
+            fresh = [(lsn, record) for lsn, record in items if lsn >= expected]
+            for lsn, record in fresh:
+                if lsn != expected:
+                    raise LogGap(
+                        f"change {lsn} does not follow this store's log, which ends at {expected - 1}: changes {expected}..{lsn - 1} are missing",
+                        path=self._path,
+                        missing=(expected, lsn - 1),
+                        hint=f"feed the changes from {expected} on (leader.changes(since={expected - 1}))",
+                    )
+                expected += 1
+            with self._state.read() as txn:
+                heads: dict[int, int] = {}
+                head_of = self._state.head_reader(txn)
+                for lsn, record in fresh:
+                    if type(record) is Deliver:
+                        for uid, cursor in record.pairs:
+                            head = heads[uid] if uid in heads else (self.overlay.head(uid) or head_of(uid))
+                            if cursor != head + 1:
+                                raise CorruptionError(
+                                    f"change {lsn} gives user {uid} cursor {cursor}, but this follower's head is {head}: it diverged from its leader",
+                                    path=self._path,
+                                    key=uid,
+                                    hint="restore the follower from a snapshot of its leader",
+                                )
+                            heads[uid] = cursor
+            last = 0
+            for lsn, record in fresh:
+                if type(record) is Deliver:
+                    self._ids.observe(record.msg_id)
+                    last = self._append_locked(RECORD_DELIVER, _codec.encode_deliver(record), record)
+                else:
+                    last = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(record), record)  # type: ignore[arg-type]
+            waiter = self._gate(last) if fresh else None
+        self._await(waiter)
+        self._sync_if_due()
+        return len(fresh)
+
+    # --- durability notifications ---------------------------------------------------------
+
+    def _notify_durable(self) -> None:
+        """The high watermark moved: wake the waiters the newly durable records concern."""
+        if not self.watchers.active:
+            self._notified_lsn = max(self._notified_lsn, self.synced_lsn)
+            return
+        with self.lock:
+            self._notify_locked(self.synced_lsn)
+
+    def _notify_locked(self, upto: int) -> None:
+        """Notify watchers of the records in (last notified, ``upto``].  Sequencing lock held."""
+        if upto <= self._notified_lsn:
+            return
+        if self.watchers.active:
+            self.watchers.notify(record for lsn, record in self.overlay.since(self._notified_lsn) if lsn <= upto)
+        self._notified_lsn = upto
 
     # --- reads and checks -----------------------------------------------------------------
 
@@ -708,4 +839,5 @@ class Writer:
         with self._synced:
             self._stopped = True
             self._synced.notify_all()
+        self.watchers.wake_all()
 

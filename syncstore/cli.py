@@ -16,14 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import __version__
+from . import __version__, _cli_changelog, _cli_snapshot
 from ._demo import DemoConfig, Progress, format_report, run_demo
 from .errors import SyncStoreError
 from ._migrate import inspect as inspect_state
 from ._migrate import leftovers
 from .errors import InvalidArgument, StoreLocked, StoreNotFound
 from .state import STATE_FORMAT
-from .snapshot import restore
 from .store import open as open_store
 
 __all__ = ["main", "build_parser"]
@@ -163,56 +162,6 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     print(f"{path}: migrated from state format {before} to format {STATE_FORMAT} "
           f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
     return EXIT_OK
-    print(f"{args.path}: migrated from state format {before} to format {STATE_FORMAT} "
-          f"({counts['messages']:,} messages, {counts['inbox_entries']:,} inbox entries, {counts['users']:,} users)")
-    return EXIT_OK
-
-
-_SNAPSHOT_HELP = """\
-Write a snapshot of the store at PATH into the directory DEST.
-
-The first snapshot into DEST is a full base; later ones are deltas holding
-only what changed since the previous one (found from the store's WAL), and
-DEST's MANIFEST lists the chain.  Works while another process holds the store
-open for writing: the snapshot is taken from a read-only view, exactly at the
-LSN the writer has applied (at most about a second behind its acknowledged
-writes).  --full writes a new base, which replaces DEST's chain.  Prints what
-was written.  Restore with `syncstore restore DEST NEWPATH`.
-
-example:
-    syncstore snapshot /var/lib/im/store /backup/im-snapshots
-    syncstore snapshot /var/lib/im/store /backup/im-snapshots --full
-"""
-
-
-def _cmd_snapshot(args: argparse.Namespace) -> int:
-    with open_store(args.path, readonly=True) as store:
-        info = store.snapshot(args.dest, full=args.full)
-    print(f"{args.path}: {info.kind} snapshot at LSN {info.lsn} in {info.file} ({info.rows:,} rows, {info.bytes:,} bytes)"
-          + (f"; {info.reason}" if info.reason else ""))
-    return EXIT_OK
-
-
-_RESTORE_HELP = """\
-Build a new store at PATH from the snapshots in DEST (a base and its deltas).
-
-PATH must not exist or be an empty directory.  Every file of DEST that is
-needed is checked (CRCs, checksums, names inside DEST) before anything is
-written, and a failure leaves nothing at PATH.  The new store holds exactly
-the state at the newest snapshot, or at --lsn N (the LSN of a snapshot in the
-chain), and gets a new epoch: clients of the old store resync.  --follower
-keeps the source store's epoch instead (a replica that will follow it).
-
-example:
-    syncstore restore /backup/im-snapshots /var/lib/im/store-restored
-    syncstore restore /backup/im-snapshots /var/lib/im/store-restored --lsn 120000
-"""
-
-
-def _cmd_restore(args: argparse.Namespace) -> int:
-    info = restore(args.dest, args.path, lsn=args.lsn, follower=args.follower)
-    print(f"{args.path}: restored from {args.dest} at LSN {info.lsn}")
-    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,19 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade.add_argument("path", metavar="PATH", help="the store directory")
     upgrade.set_defaults(run=_cmd_upgrade)
-
-    snapshot = commands.add_parser("snapshot", help="write a (base or delta) snapshot of a store", description=_SNAPSHOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    snapshot.add_argument("path", metavar="PATH", help="the store directory")
-    snapshot.add_argument("dest", metavar="DEST", help="the snapshot directory (created if missing)")
-    snapshot.add_argument("--full", action="store_true", help="write a new base, replacing DEST's chain")
-    snapshot.set_defaults(run=_cmd_snapshot)
-
-    restore_ = commands.add_parser("restore", help="build a new store from a snapshot directory", description=_RESTORE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    restore_.add_argument("dest", metavar="DEST", help="the snapshot directory")
-    restore_.add_argument("path", metavar="PATH", help="the new store's directory (missing or empty)")
-    restore_.add_argument("--lsn", type=_int_at_least(0), metavar="N", help="restore the snapshot at LSN N (default: the newest)")
-    restore_.add_argument("--follower", action="store_true", help="keep the source store's epoch (a follower)")
-    restore_.set_defaults(run=_cmd_restore)
+    _cli_changelog.register(commands)
+    _cli_snapshot.register(commands)
     return parser
 
 

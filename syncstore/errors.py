@@ -26,6 +26,8 @@ __all__ = [
     "ReadersFull",
     "UsedAfterFork",
     "IdempotencyConflict",
+    "SnapshotRequired",
+    "LogGap",
 ]
 
 
@@ -215,4 +217,51 @@ class IdempotencyConflict(SyncStoreError):
 
     def __init__(self, message: str, *, msg_id: int | None = None, **kwargs: object) -> None:
         self.msg_id = msg_id
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class SnapshotRequired(SyncStoreError):
+    """The change log no longer holds what was asked for: catch up from a snapshot, then follow the log.
+
+    ``requested_lsn`` is the ``since`` that was asked for; ``oldest_lsn`` the
+    oldest LSN the log still holds (changes after ``oldest_lsn - 1`` can be
+    read).  ``snapshot_lsn`` and ``snapshot_dir`` name the newest recorded
+    snapshot that bridges the gap (taken at ``snapshot_lsn >= oldest_lsn - 1``),
+    or are both None when none does: then take a fresh one
+    (``store.snapshot(dir)``).  Never a silent restart (docs/design.md, "Change log").
+    The store stays fully usable.
+    """
+
+    default_hint = "restore the named snapshot (syncstore.restore) or read its contents, then read changes(since=snapshot_lsn)"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        requested_lsn: int,
+        oldest_lsn: int,
+        snapshot_lsn: int | None = None,
+        snapshot_dir: str | None = None,
+        **kwargs: object,
+    ) -> None:
+        self.requested_lsn = requested_lsn
+        self.oldest_lsn = oldest_lsn
+        self.snapshot_lsn = snapshot_lsn
+        self.snapshot_dir = snapshot_dir
+        if snapshot_dir is None and "hint" not in kwargs:
+            kwargs["hint"] = "no recorded snapshot covers the gap: take one with store.snapshot(dir) (or `syncstore snapshot PATH DIR`), restore it, then read changes(since=its lsn)"
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class LogGap(SyncStoreError):
+    """A follower was given a change that does not follow its log: ``missing`` = (first, last) LSN missing.
+
+    Nothing of the batch was applied and the follower stays usable: feed it
+    the missing changes first.
+    """
+
+    default_hint = "feed the follower the missing changes first"
+
+    def __init__(self, message: str, *, missing: tuple[int, int], **kwargs: object) -> None:
+        self.missing = missing
         super().__init__(message, **kwargs)  # type: ignore[arg-type]

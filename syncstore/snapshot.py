@@ -315,8 +315,8 @@ def _seek_after(cursor: lmdb.Cursor, last: tuple[bytes, bytes] | None, dup: bool
     return cursor.next_nodup() if cursor.key() == key else True
 
 
-def _reread(context: _Context, out: SnapWriter, changes: _Changes) -> tuple[int, int]:
-    """Re-read every collected item until none is left to re-read; return the final LSN and last_msg_id.
+def _reread(context: _Context, out: SnapWriter, changes: _Changes) -> tuple[int, int | None]:
+    """Re-read every collected item until none is left to re-read; return the final LSN and last_msg_id (None: none).
 
     While many items are waiting, they are re-read in short transactions
     (collecting what changes meanwhile); the last few are re-read in one
@@ -342,7 +342,7 @@ def _reread(context: _Context, out: SnapWriter, changes: _Changes) -> tuple[int,
         changes.collect(lsn)
         _put_items(context, txn, changes.take(), out)
         stored = txn.get(_LAST_ID, db=state.meta)
-    return lsn, 0 if stored is None else _codec.unpack_u64(stored)
+    return lsn, None if stored is None else _codec.unpack_u64(stored)
 
 
 def _put_items(context: _Context, txn: lmdb.Transaction, items: list[Item], out: SnapWriter) -> None:

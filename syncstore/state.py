@@ -44,15 +44,15 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
+from itertools import groupby, islice
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lmdb
 
 from . import _codec
 from . import _statecheck
-from ._codec import DedupEntry, Deliver, pack_u64, unpack_u64
+from ._codec import DedupEntry, Deliver, Expire, ExpiredKey, Record, pack_u64, unpack_u64
 from .model import InboxRef
 from ._layout import DEFAULT_FILE_MODE
 from .errors import CorruptionError, DurabilityError, InvalidArgument, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
@@ -554,27 +554,67 @@ class State:
 
     # --- writes -------------------------------------------------------------------
 
-    def apply(self, records: Sequence[Deliver], upto_lsn: int) -> None:
-        """Apply decoded DELIVER records and set the applied LSN, in one transaction.
+    def apply(self, records: Sequence[Record], upto_lsn: int) -> None:
+        """Apply decoded WAL records of any kind and set the applied LSN, in one transaction.
 
-        A full map is grown (doubling, up to ``max_map_size``) and the batch
-        retried.  Raises :class:`StoreFull` if the disk is full or the map may
-        not grow (the transaction is aborted; the records stay in the WAL).
+        Records apply in LSN order; runs of DELIVER records are encoded and
+        written together (the bulk path).  A full map is grown (doubling, up
+        to ``max_map_size``) and the batch retried.  Raises :class:`StoreFull`
+        if the disk is full or the map may not grow (the transaction is
+        aborted; the records stay in the WAL).
         """
         self._reopen_if_needed()  # the handles below must belong to the live environment
         if self.readonly or self.legacy:
             raise SyncStoreError("records can only be applied to a writable state of the current format", path=self.path)
-        batches, last_id = _encode_batch(records)
+        runs: list[list[Record]] = [list(run) for _kind, run in groupby(records, type)]
+        # Pure encoding before the transaction opens, per run of deliveries.
+        encoded = {index: _encode_batch(cast("list[Deliver]", run)) for index, run in enumerate(runs) if type(run[0]) is Deliver}
 
         def write(txn: lmdb.Transaction) -> None:
-            for name, db, items in zip(_BATCH_DBS, (self.messages, self.inbox, self.history, self.dedup, self.dedup_expiry), batches):
-                self._put_sorted(txn, name, db, items)
+            last_id = -1  # msg_id 0 exists (a clock before 2020 at replica 0)
+            for index, run in enumerate(runs):
+                if index in encoded:
+                    batches, run_last_id = encoded[index]
+                    for name, db, items in zip(_BATCH_DBS, (self.messages, self.inbox, self.history, self.dedup, self.dedup_expiry), batches):
+                        self._put_sorted(txn, name, db, items)
+                    last_id = max(last_id, run_last_id)
+                else:
+                    for record in cast("list[Expire]", run):
+                        self._expire(txn, record.keys)
             stored = txn.get(_LAST_ID, db=self.meta)
-            if records and (stored is None or last_id > unpack_u64(stored)):
+            if last_id >= 0 and (stored is None or last_id > unpack_u64(stored)):
                 txn.put(_LAST_ID, pack_u64(last_id), db=self.meta)
             txn.put(_APPLIED, pack_u64(upto_lsn), db=self.meta)
 
         self._write(write)
+
+    def _expire(self, txn: lmdb.Transaction, keys: Sequence[ExpiredKey]) -> None:
+        """Apply an EXPIRE record: remove each expiry key, and its dedup entry unless the key was delivered again."""
+        for ms, sender, client_seq in keys:
+            if not txn.delete(_triple.pack(ms, sender, client_seq), db=self.dedup_expiry):
+                raise CorruptionError(
+                    f"EXPIRE names dedup key ({sender}, {client_seq}) first delivered at {ms} ms, which the expiry index lacks: the LMDB state and the WAL disagree",
+                    path=self.path,
+                    key=(sender, client_seq),
+                    hint="run store.check(); restore the store from a backup",
+                )
+            dedup_key = _pair.pack(sender, client_seq)
+            entry = txn.get(dedup_key, db=self.dedup)
+            # A key redelivered after expiry has a newer entry: keep that one.
+            if entry is not None and msg_id_ms(_codec.decode_dedup(entry).msg_id) == ms:
+                txn.delete(dedup_key, db=self.dedup)
+
+    def expired_keys(self, before_ms: int, limit: int) -> tuple[ExpiredKey, ...]:
+        """Up to ``limit`` oldest idempotency keys first delivered before ``before_ms`` (an EXPIRE record's keys)."""
+        out: list[ExpiredKey] = []
+        with self.read() as txn:
+            cursor = txn.cursor(db=self.dedup_expiry)
+            for key in cursor.iternext(keys=True, values=False):
+                ms, sender, client_seq = _triple.unpack(key)
+                if ms >= before_ms or len(out) >= limit:
+                    break
+                out.append((ms, sender, client_seq))
+        return tuple(out)
 
     def _put_sorted(self, txn: lmdb.Transaction, name: str, db: Any, items: list[tuple[bytes, bytes]]) -> None:
         """Write sorted ``items`` with ``putmulti``, as appends where LMDB allows it.
@@ -654,31 +694,6 @@ class State:
             return freed
 
         return self._write(remove)
-
-    def purge_dedup(self, before_ms: int, batch: int) -> int:
-        """Delete up to ``batch`` dedup entries first delivered before ``before_ms``; return how many."""
-        return self._write(lambda txn: self._purge(txn, before_ms, batch))
-
-    def _purge(self, txn: lmdb.Transaction, before_ms: int, batch: int) -> int:
-        removed = 0
-        cursor = txn.cursor(db=self.dedup_expiry)
-        if not cursor.first():
-            return 0
-        while removed < batch:
-            key = cursor.key()
-            if not key:
-                break
-            ms, sender, client_seq = _triple.unpack(key)
-            if ms >= before_ms:
-                break
-            dedup_key = _pair.pack(sender, client_seq)
-            entry = txn.get(dedup_key, db=self.dedup)
-            # A key redelivered after expiry has a newer entry: keep that one.
-            if entry is not None and msg_id_ms(_codec.decode_dedup(entry).msg_id) == ms:
-                txn.delete(dedup_key, db=self.dedup)
-            cursor.delete()
-            removed += 1
-        return removed
 
     def sync(self) -> None:
         """Force everything committed (meta page included) to disk."""

@@ -36,6 +36,8 @@ from .errors import (
     SyncStoreError,
     UsedAfterFork,
 )
+from ._store_log import ChangeLogFacade
+from .changelog import DEFAULT_MAX_LOG_BYTES, DEFAULT_RETENTION_BYTES, DEFAULT_RETENTION_MS, ChangeLog
 from .model import MAX_U64, InboxRef, RESET_AHEAD, RESET_EPOCH, Delivery, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage, check_u64
 from .snapshot import SnapshotInfo
 from .state import DEFAULT_MAX_READERS, State
@@ -105,6 +107,10 @@ def open(  # noqa: A001 - the public name is the contract
     file_mode: int | None = None,
     clock_ms: Callable[[], int] | None = None,
     fs: FileSystem | None = None,
+    log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
+    log_retention_ms: int = DEFAULT_RETENTION_MS,
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    follower: bool = False,
 ) -> Store:
     """Open the store in directory ``path``, creating it if ``create`` (the default).
 
@@ -138,6 +144,14 @@ def open(  # noqa: A001 - the public name is the contract
     ``clock_ms`` (called once here to check it returns int milliseconds) and
     ``fs`` are seams for tests and simulations.
 
+    The change log (``changes``, consumers): applied WAL segments are kept
+    while the log is within ``log_retention_bytes`` and younger than
+    ``log_retention_ms`` (default 256 MiB, one day; whichever is exceeded
+    first lets the oldest go), and while a named consumer pins them -- up to
+    ``max_log_bytes`` of log behind it (default 4 GiB), beyond which it is
+    dropped.  ``follower=True`` opens a store that takes only its leader's
+    changes (``apply_changes``; ``deliver`` raises :class:`ReadOnlyStore`).
+
     Raises :class:`StoreNotFound`, :class:`LayoutError`,
     :class:`PermissionDenied` (naming the path and the access needed),
     :class:`StoreLocked` if another writer holds the store,
@@ -167,6 +181,10 @@ def open(  # noqa: A001 - the public name is the contract
         max_readers=max_readers,
         clock_ms=clock_ms,
         fs=fs,
+        log_retention_bytes=log_retention_bytes,
+        log_retention_ms=log_retention_ms,
+        max_log_bytes=max_log_bytes,
+        follower=follower,
     )
 
 
@@ -195,8 +213,12 @@ def _check_option_int(name: str, value: object, low: int, high: int | None = Non
         raise InvalidArgument(f"{name} must be an int {bound}, got {value!r}", key=name)
 
 
-class Store:
-    """An open syncstore; create with :func:`syncstore.open`.  Thread-safe; not fork-safe."""
+class Store(ChangeLogFacade):
+    """An open syncstore; create with :func:`syncstore.open`.  Thread-safe; not fork-safe.
+
+    The change-log calls (``lsn``, ``changes``, ``wait``, consumers, followers)
+    come from :class:`~syncstore._store_log.ChangeLogFacade`.
+    """
 
     def __init__(
         self,
@@ -216,6 +238,10 @@ class Store:
         max_readers: int,
         clock_ms: Callable[[], int] | None,
         fs: FileSystem | None,
+        log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
+        log_retention_ms: int = DEFAULT_RETENTION_MS,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        follower: bool = False,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise InvalidArgument(f"durability must be one of {DURABILITY_MODES}, got {durability!r}", key="durability")
@@ -238,6 +264,13 @@ class Store:
             raise InvalidArgument(f"readonly must be True or False, got {readonly!r}", key="readonly")
         if type(create) is not bool:
             raise InvalidArgument(f"create must be True or False, got {create!r}", key="create")
+        if type(follower) is not bool:
+            raise InvalidArgument(f"follower must be True or False, got {follower!r}", key="follower")
+        if follower and readonly:
+            raise InvalidArgument("a follower is written by its leader's changes: follower=True needs readonly=False", key="follower")
+        _check_option_int("log_retention_bytes", log_retention_bytes, 0)
+        _check_option_int("log_retention_ms", log_retention_ms, 0)
+        _check_option_int("max_log_bytes", max_log_bytes, 0)
         if file_mode is not None:
             _layout.check_file_mode(file_mode)
         clock = None
@@ -269,6 +302,19 @@ class Store:
         self._writer: Writer | None = None
         self._epoch = 0
         self.lock_free = False  # a read-only view without an LMDB reader slot (docs/reliability.md)
+        self.follower = follower
+        self._changelog = ChangeLog(
+            path,
+            visible=self._visible_lsn,
+            head=self.head,
+            watchers=lambda: self._writer.watchers if self._writer is not None else None,
+            fs=self._fs,
+            readonly=readonly,
+            retention_bytes=log_retention_bytes,
+            retention_ms=log_retention_ms,
+            max_log_bytes=max_log_bytes,
+            clock_ms=self._clock,
+        )
         self._register()
         opened = _open.Opened()
         try:
@@ -290,6 +336,8 @@ class Store:
                         dedup_window_ms=dedup_window_ms,
                         clock=self._clock,
                         fs=self._fs,
+                        retain=self._changelog.retire_upto,
+                        follower=follower,
                     )
             finally:  # whatever was acquired, the store owns (and releases, if opening failed)
                 self._lock_fd, self._wal, self._state, self._writer = opened.lock_fd, opened.wal, opened.state, opened.writer
@@ -347,10 +395,19 @@ class Store:
         if self._closed:
             raise StoreClosed("the store is closed", path=self.path)
 
-    def _check_writer(self) -> Writer:
+    def _check_writer(self, *, leader: bool = True) -> Writer:
+        """The writer, for a write of this kind: a leader's own (``leader``) or a follower's applying its leader's changes."""
         self._check_usable()
         if self._writer is None:
             raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
+        if leader and self.follower:
+            raise ReadOnlyStore(
+                "this store is a follower: it takes only its leader's changes",
+                path=self.path,
+                hint="write to the leader; apply its changes here with apply_changes(); promote() makes this store a leader",
+            )
+        if not leader and not self.follower:
+            raise ReadOnlyStore("apply_changes is for followers: open the store with follower=True", path=self.path)
         return self._writer
 
     # --- validation ---------------------------------------------------------------

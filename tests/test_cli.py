@@ -26,7 +26,7 @@ def test_demo_small_run_verifies_and_reports(tmp_path, capsys):
     assert "verification   OK" in out
     assert "200 users, 2,000 messages, 8 sender threads" in out
     assert "delivered      2,000 messages" in out
-    for words in ("duplicates suppressed", "msg/s durable", "p50", "p99", "pages of <= 50", "reopen (recovery)", "store.check()"):
+    for words in ("duplicates suppressed", "msg/s durable", "p50", "p99", "pages of <= 50", "reopen (recovery)", "store.check()", "a live tail got", "a follower applied 2,000"):
         assert words in out
     assert "deliver 1/2" in err  # the progress line
     assert (path / "wal").is_dir() and (path / "state").is_dir()  # a given path is kept
@@ -43,6 +43,10 @@ def test_demo_result_numbers_add_up(tmp_path):
     assert result.retries > 0 and result.duplicates == result.retries
     assert result.catchup_messages == result.inbox_entries == result.check["inbox_entries"]
     assert result.clients_verified == 150
+    stream = result.stream  # the change log: every delivery reaches the tail, the consumer and the follower
+    assert stream.tail_changes == sum(len(queue[1]) for queue in _demo._make_plan(config).queues)
+    assert stream.consumer_changes == stream.follower_changes == 1500 and stream.follower_users == 150
+    assert stream.online_clients == 5
     again = _demo.run_demo(_demo.DemoConfig(users=150, messages=1500, threads=4, seed=3))
     assert (again.inbox_entries, again.one_to_one, again.retries) == (result.inbox_entries, result.one_to_one, result.retries)
 

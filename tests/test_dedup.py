@@ -56,11 +56,9 @@ def test_expired_entries_are_purged_and_a_redelivered_key_keeps_its_new_entry(st
     clock.now += DAY + 1
     with syncstore.open(store_path, **options) as store:
         renewed = store.deliver(msg(1, b"renewed"), to=[9])
-    # The applier purges in the background; drive it to completion deterministically.
+    # The applier expires keys in the background; drive it to completion deterministically.
     with syncstore.open(store_path, **options) as store:
-        state = store._state
-        while state.purge_dedup(clock.now - DAY, 1_000):
-            pass
+        expire_all(store)
         assert store.check()["dedup_entries"] == 1
         assert store.deliver(msg(1, b"renewed"), to=[9]) == syncstore.Delivery(renewed.msg_id, True, {9: 1})
         assert not store.deliver(msg(2), to=[9]).duplicate  # purged: accepted as new
@@ -73,8 +71,15 @@ def test_purge_is_bounded_per_call(store_path):
         store.deliver_many([(msg(seq), [1]) for seq in range(1, 301)])
     clock.now += 2 * DAY
     with syncstore.open(store_path, **options) as store:
-        assert store._state.purge_dedup(clock.now - DAY, 100) == 100
+        writer = store._writer
+        with writer._apply_lock:
+            assert writer.expire_dedup(100) == 100
+            assert writer.expire_dedup(100) == 0  # one EXPIRE at a time: the first is not applied yet
+        store.flush()
+        writer.apply_pending()
         assert store.check()["dedup_entries"] == 200
+        changes = list(store.changes(since=300))
+        assert [(c.lsn, c.kind, len(c.data.keys)) for c in changes] == [(301, "expire", 100)]
 
 
 def test_duplicates_inside_one_batch(store_path):
@@ -83,6 +88,18 @@ def test_duplicates_inside_one_batch(store_path):
         assert [r.duplicate for r in results] == [False, True, False]
         assert results[1].msg_id == results[0].msg_id and results[1].cursors == {1: 1}
         assert store.head(1) == 2
+
+
+def expire_all(store: syncstore.Store) -> None:
+    """Run the applier's expiry to completion, deterministically (each EXPIRE made durable and applied)."""
+    writer = store._writer
+    while True:
+        with writer._apply_lock:
+            expired = writer.expire_dedup()
+        store.flush()
+        writer.apply_pending()
+        if not expired:
+            return
 
 
 def assert_dedup_entries(path: str, options: dict, expected: int) -> None:

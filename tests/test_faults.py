@@ -56,7 +56,7 @@ for _name in OPERATIONS:
 
 def workload(path: str, fs: FileSystem, acked: dict[tuple[int, int], syncstore.Delivery]) -> None:
     """A small realistic run: 1:1 and group sends, a retry, a bulk load, a reopen, rotation."""
-    options = dict(fs=fs, segment_bytes=4096)
+    options = dict(fs=fs, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0)  # segments retire as soon as applied
     store = syncstore.open(path, **options)
     try:
         for seq in range(1, 13):

@@ -84,6 +84,9 @@ class StoreMachine(RuleBasedStateMachine):
         # never goes back.
         self.durable: dict[int, int] = defaultdict(int)
         self.seen: dict[int, int] = defaultdict(int)
+        # The change log: (msg_id, cursors) of every first delivery, in LSN order (LSN k is log[k - 1]).
+        self.log: list[tuple[int, dict[int, int]]] = []
+        self.follower: syncstore.Store | None = None  # follows the store by apply_changes(store.changes(...))
 
     def _open(self, segment_bytes: int) -> syncstore.Store:
         return syncstore.open(
@@ -94,8 +97,13 @@ class StoreMachine(RuleBasedStateMachine):
     def open_store(self, segment_bytes):
         self.store = self._open(segment_bytes)
 
+    def _open_follower(self) -> syncstore.Store:
+        return syncstore.open(f"{self.dir}/follower", follower=True, durability=self.durability, clock_ms=self.clock, max_body_bytes=MAX_BODY)
+
     def teardown(self) -> None:
         try:
+            if self.follower is not None:
+                self.follower.close()
             if self.store is not None:
                 self.store.close()
         finally:
@@ -119,6 +127,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert delivery.msg_id > self.last_msg_id, "msg_ids must increase, across restarts and clock steps"
         self.last_msg_id = delivery.msg_id
         self.first[key] = (delivery.msg_id, expected)
+        self.log.append((delivery.msg_id, expected))
         self.contents[key] = content(message, to)
         ts = msg_id_ms(delivery.msg_id) if message.ts_ms is None else message.ts_ms
         for uid, cursor in expected.items():
@@ -300,6 +309,36 @@ class StoreMachine(RuleBasedStateMachine):
         self._all_durable()
         for uid in USER_IDS:
             assert self._visible_head(uid) == len(self.inbox[uid])
+
+    @rule(data=st.data())
+    def changes(self, data):
+        """The change log is every first delivery, in order, with each recipient's cursor."""
+        self.store.flush()
+        since = data.draw(st.integers(0, len(self.log)), label="since")
+        limit = data.draw(st.none() | st.integers(1, 5), label="limit")
+        got = list(self.store.changes(since=since, limit=limit))
+        expected = self.log[since:] if limit is None else self.log[since : since + limit]
+        assert [c.lsn for c in got] == list(range(since + 1, since + 1 + len(expected)))
+        assert [(c.data.message.msg_id, dict(c.data.cursors)) for c in got] == expected
+        assert self.store.lsn == len(self.log)
+
+    @rule(crash=st.booleans())
+    def follow(self, crash):
+        """A follower applying the store's changes from its own position ends up with the same inboxes."""
+        if self.follower is None:
+            self.follower = self._open_follower()
+        self.store.flush()
+        self.follower.apply_changes(self.store.changes(since=self.follower.lsn))
+        assert self.follower.lsn == self.store.lsn
+        for uid in USER_IDS:
+            assert list(self.follower.sync(uid, since=0, limit=10_000).messages) == self.inbox[uid], f"follower, user {uid}"
+        if crash:
+            self.follower._abandon()
+        else:
+            self.follower.close()
+        self.follower = self._open_follower()
+        assert self.follower.lsn == self.store.lsn
+        self.follower.check()
 
     @rule(delta=st.integers(-5_000, 5_000))
     def step_clock(self, delta):

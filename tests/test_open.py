@@ -107,7 +107,7 @@ def test_new_store_has_a_marker_with_its_replica_and_a_random_epoch(tmp_path):
 
 
 def test_marker_layout_is_pinned():
-    """The byte layout of docs/format.md: magic, version, replica, reserved, epoch, CRC-32C."""
+    """The byte layout of docs/format.md: magic, version, replica, flags, epoch, CRC-32C."""
     data = encode_marker(Marker(replica_id=0x0102, epoch=0x1122334455667788))
     assert data[:8] == b"SSTORE\r\n"
     assert data[8:10] == b"\x00\x01"
@@ -118,6 +118,8 @@ def test_marker_layout_is_pinned():
 
     assert data[24:28] == crc32c(data[:24]).to_bytes(4, "big")
     assert decode_marker(data) == Marker(0x0102, 0x1122334455667788)
+    follower = encode_marker(Marker(replica_id=0x0102, epoch=0x1122334455667788, follower=True))
+    assert follower[12:16] == b"\x00\x00\x00\x01" and decode_marker(follower).follower
 
 
 class RecordingFS(FileSystem):

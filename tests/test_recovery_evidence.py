@@ -59,7 +59,7 @@ def unapplied(tmp_path):
 @pytest.fixture
 def applied(unapplied):
     """The same store with every record applied (applied LSN 40); only the newest segment is left."""
-    with syncstore.open(unapplied, segment_bytes=SEGMENT) as store:
+    with syncstore.open(unapplied, segment_bytes=SEGMENT, log_retention_bytes=0, log_retention_ms=0) as store:
         assert store.head(USER) == RECORDS
     assert len(segments(unapplied)) == 1
     return unapplied

@@ -88,7 +88,7 @@ def test_no_batch_is_applied_before_a_bad_record(unapplied, monkeypatch):
     refused(unapplied)
 
 
-@pytest.mark.parametrize("rtype", [0, 2, 255])
+@pytest.mark.parametrize("rtype", [0, 3, 255])  # 1 DELIVER, 2 EXPIRE
 def test_unknown_record_type_is_refused_without_change(unapplied, rtype):
     append_frame(unapplied, rtype, b"\x00" * 12)
     error = refused(unapplied)
@@ -172,7 +172,7 @@ def test_bad_marker_is_refused_without_change(unapplied, damage):
         from crc32c import crc32c
 
         if damage == "reserved":
-            data[12:16] = b"\x00\x00\x00\x01"
+            data[12:16] = b"\x00\x00\x00\x02"  # an unknown flag (bit 0 is "follower")
         else:
             data[10:12] = struct.pack(">H", 1024)
         data[24:28] = struct.pack(">I", crc32c(bytes(data[:24])))

@@ -29,7 +29,7 @@ def headers(draw):
     prev = 0 if kind == BASE else draw(st.integers(min_value=1, max_value=lsn - 1)) if lsn > 1 else None
     if prev is None:
         kind, prev = BASE, 0
-    return Header(kind, draw(st.integers(0, 1023)), lsn, prev, draw(U64))
+    return Header(kind, draw(st.integers(0, 1023)), lsn, prev, draw(U64), draw(st.booleans()))
 
 
 KEYS = st.binary(min_size=1, max_size=40)
@@ -66,7 +66,8 @@ def test_header_round_trip_and_layout(header):
     assert fmt.decode_header(data) == header
     # the layout of docs/format.md, byte by byte (an identity "encoder" fails this)
     assert len(data) == fmt.HEADER_SIZE == 44 and data[:8] == b"SSSNAP\r\n"
-    assert struct.unpack_from(">HBBHHQQQ", data, 8) == (1, header.kind, 0, header.replica_id, 0, header.lsn, header.prev_lsn, header.epoch)
+    flags = 1 if header.has_last_msg_id else 0
+    assert struct.unpack_from(">HBBHHQQQ", data, 8) == (1, header.kind, flags, header.replica_id, 0, header.lsn, header.prev_lsn, header.epoch)
     assert struct.unpack_from(">I", data, 40)[0] == _crcmod_crc32c(data[:40])
 
 
@@ -204,7 +205,8 @@ def manifests(draw):
         kind = BASE if index == 0 else DELTA
         prev = 0 if index == 0 else lsns[index - 1]
         puts, deletes = draw(st.integers(0, 2**40)), draw(st.integers(0, 2**40))
-        chain.append(ChainEntry(fmt.file_name(kind, lsn, prev), kind, lsn, prev, draw(U64), draw(U32), puts + deletes, puts, deletes, draw(U64)))
+        last = draw(st.one_of(st.none(), U64))  # None: no message applied (msg_id 0 is a real id)
+        chain.append(ChainEntry(fmt.file_name(kind, lsn, prev), kind, lsn, prev, draw(U64), draw(U32), puts + deletes, puts, deletes, last))
     return Manifest(draw(st.integers(0, 1023)), draw(U64), tuple(chain))
 
 
@@ -279,3 +281,10 @@ def test_a_delta_may_follow_a_base_at_lsn_zero():
     header = Header(DELTA, 0, 1, 0, 9)  # an empty store's base is at LSN 0
     assert fmt.decode_header(fmt.encode_header(header)) == header
     assert fmt.parse_file_name(fmt.file_name(DELTA, 1, 0)) == (DELTA, 1, 0)
+
+
+def test_unknown_header_flags_are_refused():
+    body = struct.pack(fmt.HEADER_FMT, fmt.SNAP_MAGIC, 1, BASE, 2, 0, 0, 10, 0, 1)
+    with pytest.raises(CorruptionError) as caught:
+        fmt.decode_header(body + struct.pack(">I", _crcmod_crc32c(body)))
+    assert caught.value.offset == 11

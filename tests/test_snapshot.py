@@ -2,10 +2,8 @@
 
 Every comparison is of a full dump of the LMDB state (every item of every
 database, meta included): a restored store must be byte for byte the source
-at the snapshot's LSN.  Dedup *expiry* is not exercised: on main the applier
-still purges expired dedup entries without a WAL record, which no delta can
-see; once expiry is a record kind (issue 9, the lead's part) the machine below
-gains an expiry rule.
+at the snapshot's LSN -- across deliveries, retries, dedup expiry (EXPIRE
+records), reopens and collapses.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from syncstore import _snapdir
 from syncstore import _snapformat as fmt
 from syncstore import snapshot as snapshot_module
 from syncstore._codec import Deliver, Expire
+from syncstore._ids import msg_id_ms
 from syncstore._statekeys import touched
 from syncstore.snapshot import newest_snapshot
 
@@ -112,8 +111,37 @@ def test_expire_touches_its_expiry_and_dedup_keys():
 # --- the model: any interleaving, restore each snapshot k == the store at k -------------------
 
 
+DAY = 86_400_000
+
+
+class FakeClock:
+    """A settable wall clock in epoch milliseconds."""
+
+    def __init__(self, now: int = CLOCK) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def expire_all(store: syncstore.Store) -> None:
+    """Run the applier's dedup expiry to completion, deterministically (each EXPIRE made durable and applied)."""
+    writer = store._writer
+    while True:
+        with writer._apply_lock:
+            expired = writer.expire_dedup()
+        store.flush()
+        writer.apply_pending()
+        if not expired:
+            return
+
+
 class SnapshotMachine(RuleBasedStateMachine):
-    """Deliveries (1:1, groups, retries), snapshots, reopens, full snapshots; each snapshot restores exactly."""
+    """Deliveries (1:1, groups, retries), dedup expiry, snapshots, full snapshots, reopens: each snapshot restores exactly.
+
+    A delta must hold exactly one row per item touched by the records since the previous snapshot --
+    counted from ``store.changes()``, the change log's own reader, which yields EXPIRE records too.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,11 +154,14 @@ class SnapshotMachine(RuleBasedStateMachine):
         self.root = tempfile.mkdtemp(prefix="snapmachine-")
         self.path = os.path.join(self.root, "store")
         self.dest = os.path.join(self.root, "snaps")
-        self.store = open_store(self.path)
+        self.clock = FakeClock()
+        self.store = self._open()
         self.seq = 0
-        self.since_snapshot: list = []  # first deliveries since the newest snapshot
         self.snapshots: list[tuple[int, dict]] = []  # (lsn, dump) per snapshot in the current chain
         self.sent: dict = {}
+
+    def _open(self) -> syncstore.Store:
+        return syncstore.open(self.path, clock_ms=self.clock, dedup_window_ms=DAY, hot_window_ms=DAY)
 
     @rule(sender=st.integers(0, 5), peer=st.integers(0, 5), body=st.binary(max_size=40))
     def one_to_one(self, sender, peer, body) -> None:
@@ -145,31 +176,45 @@ class SnapshotMachine(RuleBasedStateMachine):
         if not self.sent:
             return
         key = data.draw(st.sampled_from(sorted(self.sent)))
-        message, to, first = self.sent[key]
+        message, to, first, expired = self.sent[key]
         again = self.store.deliver(message, to=to)
-        assert again.duplicate and again.msg_id == first.msg_id and dict(again.cursors) == dict(first.cursors)
+        if expired:  # the key left the dedup window: a retry is a new delivery (and a new first delivery)
+            assert not again.duplicate
+            self.sent[key] = (message, to, again, False)
+        else:
+            assert again.duplicate and again.msg_id == first.msg_id and dict(again.cursors) == dict(first.cursors)
+
+    @rule(days=st.sampled_from([0.5, 1.5]))
+    def time_passes(self, days) -> None:
+        """The clock moves on; keys older than the dedup window (a day) expire through EXPIRE records."""
+        self.clock.now += int(days * DAY)
+        expire_all(self.store)
+        for key, (message, to, first, expired) in self.sent.items():
+            if self.clock.now - msg_id_ms(first.msg_id) > DAY:
+                self.sent[key] = (message, to, first, True)
 
     @rule(full=st.booleans())
     def snapshot(self, full) -> None:
+        previous = self.snapshots[-1][0] if self.snapshots else None
         info = self.store.snapshot(self.dest, full=full)
         state = dump(self.store)
+        since = [] if previous is None else [change.record() for change in self.store.changes(since=previous)]
         if info.reason.startswith("nothing written"):
-            assert not self.since_snapshot and not full
+            assert previous is not None and not since and not full
             return
         if info.kind == "delta":
             # only the changed items: as many rows as the records since the previous snapshot touched
-            assert info.rows == len(items_of(self.since_snapshot))
-            assert info.prev_lsn == self.snapshots[-1][0]
+            assert info.rows == len(items_of(since))
+            assert info.prev_lsn == previous
         else:
             self.snapshots = []
         assert info.lsn == self.store._state.applied_lsn()
         self.snapshots.append((info.lsn, state))
-        self.since_snapshot = []
 
     @rule()
     def reopen(self) -> None:
         self.store.close()
-        self.store = open_store(self.path)
+        self.store = self._open()
 
     @invariant()
     def chain_matches(self) -> None:
@@ -195,8 +240,7 @@ class SnapshotMachine(RuleBasedStateMachine):
     def _deliver(self, message: Message, to: list[int]) -> None:
         delivery = self.store.deliver(message, to=to)
         assert not delivery.duplicate
-        self.sent[(message.sender, message.client_seq)] = (message, to, delivery)
-        self.since_snapshot.append(record_of(message, delivery))
+        self.sent[(message.sender, message.client_seq)] = (message, to, delivery, False)
 
 
 TestSnapshotMachine = SnapshotMachine.TestCase
@@ -239,7 +283,7 @@ def test_full_collapses_the_chain_into_a_new_base(tmp_path):
 
 def test_a_retired_log_gives_a_new_base_and_says_so(tmp_path):
     path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
-    with open_store(path, segment_bytes=4096) as store:
+    with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0) as store:  # no retention
         fill(store, 1, 20)
         store.snapshot(dest)
         fill(store, 100, 200)  # many segments of 4 KiB: applied ones are retired
@@ -413,7 +457,7 @@ def test_a_restored_store_answers_sync_head_and_dedup_as_the_source(tmp_path):
         assert fresh.msg_id > max(d.msg_id for _m, d in sent) and fresh.cursors == {1: heads[1] + 1}
         assert restored.sync(1, since=heads[1] + 5).reset  # a client ahead of the restored history is told
     syncstore.restore(dest, str(tmp_path / "f"), follower=True)
-    with open_store(str(tmp_path / "f")) as follower:
+    with open_store(str(tmp_path / "f"), follower=True) as follower:
         assert follower.epoch == epoch
 
 
@@ -820,3 +864,60 @@ def test_the_wal_reader_reports_a_damaged_frame_below_the_applied_lsn(tmp_path):
         with pytest.raises(CorruptionError) as caught:
             list(reader.frames(0, 40))
     assert caught.value.path.endswith(name) and caught.value.offset == 24
+
+
+def test_a_last_msg_id_of_zero_survives_a_snapshot(tmp_path):
+    """msg_id 0 is a real id (replica 0, the first id of 2020-01-01T00:00:00Z): "no last_msg_id" is not 0."""
+    from syncstore._ids import EPOCH_MS
+
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    with syncstore.open(path, clock_ms=lambda: EPOCH_MS) as store:
+        assert store.deliver(Message(1, 1, 1, b"first"), to=[1]).msg_id == 0
+        store.snapshot(dest)
+        state = dump(store)
+    assert (b"last_msg_id", bytes(8)) in state["meta"]
+    assert snapshot_chain(dest)[0].lsn == 1
+    assert dump_restored(dest, str(tmp_path / "r")) == state
+
+
+def test_a_restored_follower_catches_up_with_its_leader(tmp_path):
+    path, dest, copy = str(tmp_path / "leader"), str(tmp_path / "snaps"), str(tmp_path / "follower")
+    clock = FakeClock()
+    options = dict(clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY)
+    with syncstore.open(path, **options) as leader:
+        fill(leader, 1, 40)
+        base = leader.snapshot(dest)
+        fill(leader, 100, 10)
+        clock.now += 2 * DAY
+        expire_all(leader)  # EXPIRE records after the snapshot
+        fill(leader, 200, 5)
+        syncstore.restore(dest, copy, follower=True)
+        with syncstore.open(copy, follower=True, **options) as follower:
+            assert follower.epoch == leader.epoch and follower.lsn == base.lsn
+            follower.apply_changes(leader.changes(since=base.lsn))
+            follower._writer.apply_pending()
+            leader._writer.apply_pending()
+            assert dump(follower) == dump(leader)
+
+
+def test_snapshot_required_names_the_snapshot_and_a_consumer_catches_up_with_it(tmp_path):
+    """A reader behind the retained log is told which snapshot bridges the gap; restoring it as a follower
+    and applying the changes after its LSN gives the leader's state."""
+    path, dest, copy = str(tmp_path / "leader"), str(tmp_path / "snaps"), str(tmp_path / "caught-up")
+    with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0) as leader:
+        fill(leader, 1, 60)
+        leader.snapshot(dest)
+        fill(leader, 500, 40)  # more segments, retired as soon as applied
+        info = leader.snapshot(dest)  # a base: the log no longer holds what a delta would need
+        assert info.kind == "base" and info.lsn == 100
+        fill(leader, 900, 1)
+        leader._writer.apply_pending()
+        with pytest.raises(syncstore.SnapshotRequired) as caught:
+            list(leader.changes(since=0))
+        error = caught.value
+        assert (error.snapshot_lsn, error.snapshot_dir) == (info.lsn, dest)
+        syncstore.restore(error.snapshot_dir, copy, lsn=error.snapshot_lsn, follower=True)
+        with open_store(copy, follower=True) as follower:
+            follower.apply_changes(leader.changes(since=error.snapshot_lsn))
+            follower._writer.apply_pending()
+            assert dump(follower) == dump(leader)

@@ -648,8 +648,8 @@ def test_store_rotation_retirement_and_lsn_continuity(tmp_path):
     with syncstore.open(path, segment_bytes=SMALL) as store:
         for i in range(40):
             assert store.deliver(Message(sender=1, conv=1, client_seq=i, body=body), to=[5]).cursors == {5: i + 1}
-    # Reopening retires every sealed segment the state covers; the current one stays.
-    with syncstore.open(path, segment_bytes=SMALL) as store:
+    # Reopening with no retention retires every sealed segment the state covers; the current one stays.
+    with syncstore.open(path, segment_bytes=SMALL, log_retention_bytes=0, log_retention_ms=0) as store:
         (only,) = segment_files(wal_dir)
         first = _codec.decode_segment_header(read_bytes(only))
         assert 1 < first <= 40
