@@ -25,7 +25,7 @@ from ._codec import FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._layout import permission_denied
 from .errors import CorruptionError, SyncStoreError
 
-__all__ = ["LogReader", "LogRetired"]
+__all__ = ["LogReader", "LogRetired", "segment_files"]
 
 _READ = 1 << 20  # bytes per pread
 
@@ -38,6 +38,15 @@ def _segment_first_lsn(name: str) -> int | None:
     if len(name) == 28 and name.startswith("wal-") and name.endswith(".log") and name[4:24].isascii() and name[4:24].isdigit():
         return int(name[4:24])
     return None
+
+
+def segment_files(directory: str) -> list[tuple[int, str]]:
+    """(first LSN, path) of every segment in the WAL directory, oldest first (none if it is missing)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted((first, os.path.join(directory, name)) for name in names if (first := _segment_first_lsn(name)) is not None)
 
 
 class LogReader:
@@ -115,6 +124,11 @@ class LogReader:
             self._at = (first, offset, lsn)
             if frame.lsn > after:
                 yield frame
+
+    def path_of(self, lsn: int) -> str:
+        """The segment file holding ``lsn`` among those open (the directory if none), for errors."""
+        starts = [first for first in self._paths if first <= lsn]
+        return self._paths[max(starts)] if starts else self.directory
 
     def position(self, after: int) -> tuple[int, int] | None:
         """(segment first LSN, offset) where frame ``after + 1`` starts (or will), or None if the log no longer reaches it.

@@ -3,12 +3,13 @@
 The WAL already is the change log -- every write is one record with a dense
 LSN -- so this module adds no second copy of anything.  It owns:
 
-* :class:`LogReader`: reads frames after an LSN from the WAL directory's
-  segment files, up to a bound the caller gives (the high watermark in the
-  writing process, the applied LSN in a read-only view: never an unsynced
-  frame).  It keeps its position, so a tail that follows the log reads each
-  frame once, and it keeps the segment it reads open, so retention deleting
-  the file meanwhile does not cut a read short.
+* Reading: :class:`~syncstore._walread.LogReader` (shared with snapshots)
+  reads frames after an LSN from the WAL directory's segment files, up to a
+  bound given here (the high watermark in the writing process, the applied
+  LSN in a read-only view: never an unsynced frame).  It keeps its position,
+  so a tail that follows the log reads each frame once, and keeps the
+  segments it reads open, so retention deleting a file meanwhile does not
+  cut a read short.
 * Retention (:func:`retire_upto`, pure): a WAL segment goes once it is
   applied *and* beyond the retention setting (older than ``retention_ms`` or
   beyond ``retention_bytes`` of log, whichever comes first) *and* no consumer
@@ -32,11 +33,11 @@ fsync of the directory)::
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,13 +46,14 @@ from dataclasses import dataclass
 from crc32c import crc32c
 
 from . import _codec, _layout
-from ._codec import FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._walread import LogReader, LogRetired, segment_files
+from .snapshot import newest_snapshot
 from ._fileio import FileSystem
 from .errors import CorruptionError, InvalidArgument, SnapshotRequired
 from ._watch import Watchers
 from .model import Change, check_u64
 
-__all__ = ["LogReader", "Segment", "retire_upto", "Consumers", "ConsumerStatus", "CONSUMERS_FILE", "DEFAULT_RETENTION_BYTES", "DEFAULT_RETENTION_MS", "DEFAULT_MAX_LOG_BYTES"]
+__all__ = ["ChangeLog", "Consumer", "Segment", "retire_upto", "Consumers", "ConsumerStatus", "CONSUMERS_FILE", "DEFAULT_RETENTION_BYTES", "DEFAULT_RETENTION_MS", "DEFAULT_MAX_LOG_BYTES"]
 
 log = logging.getLogger("syncstore.changelog")
 
@@ -59,7 +61,6 @@ CONSUMERS_FILE = "consumers"
 DEFAULT_RETENTION_BYTES = 256 << 20  # of applied log kept for consumers and followers
 DEFAULT_RETENTION_MS = 24 * 3_600_000
 DEFAULT_MAX_LOG_BYTES = 4 << 30  # a consumer pins at most this much log behind its position
-_READ_CHUNK = 1 << 20
 _NO_LAST = 2**64
 _FOLLOW_BATCH = 1024
 #: How often a read-only view re-checks for new changes (it has no writer to wake it).
@@ -67,7 +68,6 @@ VIEW_POLL_S = 0.05
 ReadFn = Callable[[int, int], list[Change]]
 WaitFn = Callable[[int, float | None], bool]
 ClockFn = Callable[[], float]  # the last LSN of the segment being written to: open-ended
-_length = struct.Struct(">I")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -103,152 +103,9 @@ def retire_upto(segments: list[Segment], applied: int, retention_bytes: int, ret
     return upto
 
 
-class LogReader:
-    """Reads the change log from the segment files of a WAL directory; keeps its position between reads.
-
-    Not thread-safe: one per consumer of the stream.  ``close`` releases
-    the segment file it holds open.
-    """
-
-    def __init__(self, wal_dir: str) -> None:
-        self._dir = wal_dir
-        self._fd = -1
-        self._path = ""
-        self._offset = 0  # of the next frame in the open segment
-        self._next = 0  # LSN of the frame at _offset (0: no position)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd, self._next = -1, 0
-
-    def segments(self) -> list[tuple[int, str]]:
-        """(first LSN, path) of every segment, oldest first."""
-        try:
-            names = os.listdir(self._dir)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            if len(name) == 28 and name.startswith("wal-") and name.endswith(".log") and name[4:24].isdigit():
-                out.append((int(name[4:24]), os.path.join(self._dir, name)))
-        out.sort()
-        return out
-
-    def oldest_lsn(self) -> int:
-        """The oldest LSN the log can still yield (the first LSN of its oldest segment; 1 with no segment)."""
-        segments = self.segments()
-        return segments[0][0] if segments else 1
-
-    def read(self, after: int, upto: int, limit: int) -> list[Frame]:
-        """Up to ``limit`` frames with LSN in (``after``, ``upto``], in order, CRCs checked.
-
-        Raises :class:`SnapshotRequired` (without snapshot details: the
-        caller adds them) if the log no longer holds LSN ``after + 1``, and
-        :class:`CorruptionError` naming the file and offset for a damaged
-        frame below ``upto``.
-        """
-        if after >= upto or limit <= 0:
-            return []
-        if self._next != after + 1:
-            self.seek(after + 1)
-        out: list[Frame] = []
-        while self._next <= upto and len(out) < limit:
-            frames = self._read_segment(upto, limit - len(out))
-            out.extend(frames)
-            if not frames and self._next <= upto:
-                self._open_next()
-        return out
-
-    def seek(self, lsn: int) -> None:
-        """Position at frame ``lsn`` (which must be written): open the segment holding it, skip the frames before it.
-
-        Raises :class:`SnapshotRequired` if the log no longer holds it.
-        """
-        self.close()
-        segments = self.segments()
-        holding = [(first, path) for first, path in segments if first <= lsn]
-        if not holding:
-            oldest = segments[0][0] if segments else 1
-            raise SnapshotRequired(
-                f"the change log starts at LSN {oldest}: changes after {lsn - 1} are no longer retained",
-                requested_lsn=lsn - 1,
-                oldest_lsn=oldest,
-            )
-        first, path = holding[-1]
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # retired since it was listed: only older segments go, so LSN lsn went with it
-            raise SnapshotRequired(f"the change log no longer holds LSN {lsn}", requested_lsn=lsn - 1, oldest_lsn=self.oldest_lsn()) from None
-        self._path, self._offset, self._next = path, SEGMENT_HEADER_SIZE, first
-        header = os.pread(self._fd, SEGMENT_HEADER_SIZE, 0)
-        if _codec.decode_segment_header(header, path) != first:
-            raise CorruptionError(f"WAL segment header does not say first LSN {first}", path=path, offset=12)
-        while self._next < lsn:  # skip by length: the frames yielded later are the ones whose CRC matters
-            prefix = os.pread(self._fd, 4, self._offset)
-            length = _length.unpack(prefix)[0] if len(prefix) == 4 else 0
-            if length == 0:
-                raise SnapshotRequired(
-                    f"the change log does not hold LSN {lsn}", requested_lsn=lsn - 1, oldest_lsn=self.oldest_lsn()
-                )
-            self._offset += FRAME_PREFIX_SIZE + length
-            self._next += 1
-
-    def _read_segment(self, upto: int, limit: int) -> list[Frame]:
-        """Frames from the current position in the open segment (empty at its end)."""
-        out: list[Frame] = []
-        data = os.pread(self._fd, _READ_CHUNK, self._offset)
-        pos = 0
-        while self._next <= upto and len(out) < limit:
-            if len(data) - pos < FRAME_PREFIX_SIZE:
-                if pos == 0:
-                    break
-                data, pos = os.pread(self._fd, _READ_CHUNK, self._offset), 0
-                continue
-            length = _length.unpack_from(data, pos)[0]
-            if length == 0:
-                break  # the end of this segment's frames
-            if pos + FRAME_PREFIX_SIZE + length > len(data):
-                if pos == 0:  # one frame larger than the chunk
-                    data = os.pread(self._fd, FRAME_PREFIX_SIZE + length, self._offset)
-                    if len(data) < FRAME_PREFIX_SIZE + length:
-                        break
-                else:
-                    data, pos = os.pread(self._fd, max(_READ_CHUNK, FRAME_PREFIX_SIZE + length), self._offset), 0
-                continue
-            frame = _codec.decode_frame(data, pos)
-            if frame is None or frame.lsn != self._next:
-                raise CorruptionError(f"WAL frame {self._next} unreadable", path=self._path, offset=self._offset)
-            out.append(frame._replace(offset=self._offset, end=self._offset + FRAME_PREFIX_SIZE + length))
-            pos += FRAME_PREFIX_SIZE + length
-            self._offset += FRAME_PREFIX_SIZE + length
-            self._next += 1
-        return out
-
-    def _open_next(self) -> None:
-        """The open segment ended before ``upto``: continue in the segment that starts at the next LSN."""
-        path = os.path.join(self._dir, f"wal-{self._next:020d}.log")
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CorruptionError(
-                f"WAL frame {self._next} is neither in {os.path.basename(self._path)} nor in a segment of its own", path=self._path, offset=self._offset
-            ) from None
-        os.close(self._fd)
-        self._fd, self._path, self._offset = fd, path, SEGMENT_HEADER_SIZE
-
-    def changes(self, after: int, upto: int, limit: int) -> list[Change]:
-        """:meth:`read`, decoded into :class:`Change` values."""
-        return [
-            Change.of(frame.lsn, _codec.decode_record(frame.rtype, frame.body, frame.lsn, self._path, frame.offset))
-            for frame in self.read(after, upto, limit)
-        ]
-
-
 def segment_infos(wal_dir: str, now_ms: int) -> list[Segment]:
     """The segments of a WAL directory as retention sees them (sizes are of written frames only)."""
-    reader = LogReader(wal_dir)
-    segments = reader.segments()
+    segments = segment_files(wal_dir)
     out = []
     for index, (first, path) in enumerate(segments):
         try:
@@ -479,7 +336,9 @@ class ChangeLog:
     # --- reading ----------------------------------------------------------------------
 
     def oldest_lsn(self) -> int:
-        return LogReader(self.wal_dir).oldest_lsn()
+        """The oldest LSN the log still holds (the first LSN of its oldest segment; 1 with none)."""
+        segments = segment_files(self.wal_dir)
+        return segments[0][0] if segments else 1
 
     def changes(self, since: int, limit: int | None, follow: bool, timeout: float | None) -> Iterator[Change]:
         """See :meth:`Store.changes`.  Checks the position now; the iterator reads lazily."""
@@ -491,20 +350,24 @@ class ChangeLog:
                 hint="a position from another history (a restored or another store): start again from a snapshot",
             )
         reader = LogReader(self.wal_dir)
-        if since < end:
-            try:
-                reader.seek(since + 1)  # raises if the log no longer holds since + 1
-            except SnapshotRequired as error:
-                reader.close()
-                raise self.snapshot_required(error) from None
+        if since < end and reader.position(since) is None:  # the log no longer holds since + 1
+            reader.close()
+            raise self.snapshot_required(since)
         return self._iterate(reader, since, limit, follow, timeout)
+
+    def _read(self, reader: LogReader, after: int, limit: int) -> list[Change]:
+        """Up to ``limit`` visible changes after ``after`` (the reader resumes where it stopped)."""
+        return [
+            Change.of(frame.lsn, _codec.decode_record(frame.rtype, frame.body, frame.lsn, reader.path_of(frame.lsn), frame.offset))
+            for frame in itertools.islice(reader.frames(after, self.visible()), limit)
+        ]
 
     def _iterate(self, reader: LogReader, since: int, limit: int | None, follow_: bool, timeout: float | None) -> Iterator[Change]:
         try:
             if not follow_:
                 position, left = since, limit
                 while left is None or left > 0:
-                    batch = reader.changes(position, self.visible(), _FOLLOW_BATCH if left is None else min(left, _FOLLOW_BATCH))
+                    batch = self._read(reader, position, _FOLLOW_BATCH if left is None else min(left, _FOLLOW_BATCH))
                     if not batch:
                         return
                     yield from batch
@@ -515,12 +378,12 @@ class ChangeLog:
             watchers = self._watchers()
             event = watchers.watch_log() if watchers is not None else None
             try:
-                yield from follow(lambda after, n: reader.changes(after, self.visible(), n), functools.partial(self._wait, event), since, limit, timeout, self._monotonic)
+                yield from follow(functools.partial(self._read, reader), functools.partial(self._wait, event), since, limit, timeout, self._monotonic)
             finally:
                 if event is not None and watchers is not None:
                     watchers.unwatch(event)
-        except SnapshotRequired as error:  # retention overtook a slow reader between two batches
-            raise self.snapshot_required(error) from None
+        except LogRetired:  # retention overtook a slow reader between two batches
+            raise self.snapshot_required(since) from None
         finally:
             reader.close()
 
@@ -566,21 +429,22 @@ class ChangeLog:
 
     # --- snapshots ------------------------------------------------------------------------
 
-    def snapshot_required(self, error: SnapshotRequired) -> SnapshotRequired:
-        """``error`` with the newest recorded snapshot that bridges the gap, if any."""
+    def snapshot_required(self, since: int) -> SnapshotRequired:
+        """The error for a position the log no longer holds, naming the newest recorded snapshot that bridges the gap, if any."""
         found = newest_snapshot(self._store_path)
         oldest = self.oldest_lsn()
+        message = f"the change log starts at LSN {oldest}: changes after {since} are no longer retained"
         if found is not None and found[0] >= oldest - 1:
             lsn, where = found
             return SnapshotRequired(
-                f"{error.message}; snapshot {lsn} at {where} bridges the gap",
-                requested_lsn=error.requested_lsn,
+                f"{message}; snapshot {lsn} at {where} bridges the gap",
+                requested_lsn=since,
                 oldest_lsn=oldest,
                 snapshot_lsn=lsn,
                 snapshot_dir=where,
                 hint=f"restore {where} (syncstore.restore) or read it, then read changes(since={lsn})",
             )
-        return SnapshotRequired(error.message, requested_lsn=error.requested_lsn, oldest_lsn=oldest)
+        return SnapshotRequired(message, requested_lsn=since, oldest_lsn=oldest)
 
 
 class Consumer:
@@ -631,14 +495,3 @@ class Consumer:
 
     def __repr__(self) -> str:
         return f"<syncstore.Consumer {self.name!r}>"
-
-
-def newest_snapshot(store_path: str) -> tuple[int, str] | None:
-    """(LSN, directory) of the newest snapshot recorded for the store at ``store_path``, or None."""
-    import importlib  # noqa: PLC0415 - snapshot builds on the change log, not the other way round
-
-    try:
-        snapshot = importlib.import_module("syncstore.snapshot")
-    except ImportError:  # until snapshots land
-        return None
-    return snapshot.newest_snapshot(store_path)  # type: ignore[no-any-return]
