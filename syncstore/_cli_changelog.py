@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from ._cli_args import int_at_least, seconds
 from .store import open as open_store
 
 __all__ = ["register"]
@@ -42,33 +43,6 @@ example:
     syncstore consumers /var/lib/im/store
     syncstore consumers /var/lib/im/store --json
 """
-
-
-def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _nonnegative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1, got 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _cmd_changes(args: argparse.Namespace) -> int:
@@ -108,10 +82,10 @@ def register(commands: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     changes = commands.add_parser("changes", help="print the change log as JSON lines (optionally following it)", description=_CHANGES_HELP, formatter_class=raw)
     changes.add_argument("path", metavar="PATH", help="the store directory")
-    changes.add_argument("--since", type=_nonnegative, default=0, metavar="N", help="print the changes after LSN N (default 0: all retained)")
-    changes.add_argument("--limit", type=_positive, default=None, metavar="N", help="print at most N changes")
+    changes.add_argument("--since", type=int_at_least(0), default=0, metavar="N", help="print the changes after LSN N (default 0: all retained)")
+    changes.add_argument("--limit", type=int_at_least(1), default=None, metavar="N", help="print at most N changes")
     changes.add_argument("--follow", action="store_true", help="keep printing new changes as they are applied")
-    changes.add_argument("--timeout", type=_seconds, default=None, metavar="S", help="with --follow: stop after S seconds in all")
+    changes.add_argument("--timeout", type=seconds, default=None, metavar="S", help="with --follow: stop after S seconds in all")
     changes.set_defaults(run=_cmd_changes)
     consumers = commands.add_parser("consumers", help="list the named change-log consumers, their lag and pinned log", description=_CONSUMERS_HELP, formatter_class=raw)
     consumers.add_argument("path", metavar="PATH", help="the store directory")

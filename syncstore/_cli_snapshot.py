@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._cli_args import int_at_least
 from .snapshot import restore
 from .store import open as open_store
 
@@ -63,16 +64,6 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lsn(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register(commands: Any) -> None:
     """Add the snapshot commands to the ``syncstore`` parser's subcommands."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -84,6 +75,6 @@ def register(commands: Any) -> None:
     restore_ = commands.add_parser("restore", help="build a new store from a snapshot directory", description=_RESTORE_HELP, formatter_class=raw)
     restore_.add_argument("dest", metavar="DEST", help="the snapshot directory")
     restore_.add_argument("path", metavar="PATH", help="the new store's directory (missing or empty)")
-    restore_.add_argument("--lsn", type=_lsn, metavar="N", help="restore the snapshot at LSN N (default: the newest)")
+    restore_.add_argument("--lsn", type=int_at_least(0), metavar="N", help="restore the snapshot at LSN N (default: the newest)")
     restore_.add_argument("--follower", action="store_true", help="keep the source store's epoch and make it a follower")
     restore_.set_defaults(run=_cmd_restore)

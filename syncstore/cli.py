@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import __version__, _cli_changelog, _cli_snapshot
+from ._cli_args import int_at_least as _int_at_least
 from ._demo import DemoConfig, Progress, format_report, run_demo
-from .errors import SyncStoreError
+
 from ._migrate import inspect as inspect_state
 from ._migrate import leftovers
-from .errors import InvalidArgument, StoreLocked, StoreNotFound
+from .errors import InvalidArgument, StoreLocked, StoreNotFound, SyncStoreError
 from .state import STATE_FORMAT
 from .store import open as open_store
 
@@ -92,21 +93,6 @@ class ProgressLine:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
             self._width = 0
-
-
-def _int_at_least(low: int, high: int | None = None) -> type[int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f"{low}..{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse  # type: ignore[return-value]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import syncstore
+from test_dedup import expire_all
 import syncstore._fileio
 from syncstore import CorruptionError, InvalidArgument, Message, StoreLocked, StoreNotFound, snapshot_chain
 from syncstore import _snapdir
@@ -122,18 +123,6 @@ class FakeClock:
 
     def __call__(self) -> int:
         return self.now
-
-
-def expire_all(store: syncstore.Store) -> None:
-    """Run the applier's dedup expiry to completion, deterministically (each EXPIRE made durable and applied)."""
-    writer = store._writer
-    while True:
-        with writer._apply_lock:
-            expired = writer.expire_dedup()
-        store.flush()
-        writer.apply_pending()
-        if not expired:
-            return
 
 
 class SnapshotMachine(RuleBasedStateMachine):
