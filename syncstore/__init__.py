@@ -24,11 +24,13 @@ from .errors import (
     StoreLocked,
     SnapshotRequired,
     StoreNotFound,
+    StoreNotReady,
     SyncStoreError,
     UsedAfterFork,
 )
 from .changelog import Consumer, ConsumerStatus
-from .model import Change, Delivered, Delivery, Expired, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
+from ._events import decode_event
+from .model import Change, Delivered, Delivery, Expired, SnapshotChunk, HistoryPage, Message, MessageRecord, Messages, Page, StoredMessage
 from ._layout import renew_epoch
 from .snapshot import SnapshotInfo, restore, snapshot_chain
 from .store import DURABILITY_MODES, Store, open
@@ -46,6 +48,8 @@ __all__ = [
     "HistoryPage",
     "Messages",
     "Change",
+    "SnapshotChunk",
+    "decode_event",
     "Delivered",
     "Expired",
     "Consumer",
@@ -70,6 +74,7 @@ __all__ = [
     "IdempotencyConflict",
     "SnapshotRequired",
     "LogGap",
+    "StoreNotReady",
 ]
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import _codec, _layout, _migrate
+from . import _bootstrap, _codec, _layout, _migrate
 from ._codec import RECORD_DELIVER, Record
 from ._fileio import FileSystem
 from ._ids import MessageIds
@@ -25,7 +25,7 @@ from ._layout import DEFAULT_FILE_MODE, Found, Marker
 from ._writer import Writer, _gc_paused
 from .errors import CorruptionError, InvalidArgument, LayoutError, StoreNotFound
 from .state import STATE_FORMAT, State, state_dir
-from .wal import WriteAheadLog
+from .wal import WriteAheadLog, segment_name
 
 __all__ = ["Opened", "open_writable", "open_view"]
 
@@ -189,6 +189,11 @@ def _open_existing(
         )
     probe = _probe_state(_migrate.live_state_dir(path), map_size, max_map_size)
     legacy_format = probe.format if probe is not None and probe.legacy else None
+    bootstrap = _bootstrap.progress(probe) if probe is not None and not probe.legacy else None
+    if bootstrap is not None and bootstrap[2] == _bootstrap.COMPLETE:
+        # A follower's bootstrap got its every row in but crashed before its log restarted at the
+        # snapshot's LSN + 1: the log holds no frame by construction; finish the restart here.
+        _restart_empty_log(wal_dir, bootstrap[0] + 1, fs)
     try:
         applied = probe.applied_lsn() if probe is not None else 0
         recorded = probe.replica_id() if probe is not None else None
@@ -204,11 +209,12 @@ def _open_existing(
             )
         wal = opened.wal = WriteAheadLog.recover(
             wal_dir,
-            next_lsn=applied + 1,
+            next_lsn=(bootstrap[0] if bootstrap is not None and bootstrap[2] == _bootstrap.COMPLETE else applied) + 1,
             fs=fs,
             segment_bytes=segment_bytes,
             sync_writes=durability == "sync",
-            existing=probe is not None,  # an initialised state needs its log: missing evidence is corruption
+            # An initialised state needs its log: missing evidence is corruption (but a finished bootstrap's was just emptied).
+            existing=probe is not None and (bootstrap is None or bootstrap[2] != _bootstrap.COMPLETE),
             file_mode=file_mode,
         )
         with _gc_paused:  # replay builds many records: keep the collector out
@@ -243,6 +249,18 @@ def _open_existing(
     state = opened.state = State(
         lmdb_dir, readonly=False, map_size=map_size, max_map_size=max_map_size, file_mode=file_mode, replica_id=replica_id, max_readers=max_readers
     )
+    if bootstrap is not None:
+        if bootstrap[2] == _bootstrap.COMPLETE:
+            _bootstrap.finish(state, bootstrap[0])
+            applied = bootstrap[0]
+            log.warning("store %s: finished a follower bootstrap from snapshot %d that a crash interrupted", path, bootstrap[0])
+        else:
+            _bootstrap.wipe(state)
+            log.warning(
+                "store %s: a follower bootstrap from snapshot %d was interrupted at chunk %d: its rows were removed; feed it again from 0",
+                path,
+                *bootstrap[:2],
+            )
     if state.created:
         state.sync()
     elif state.replica_id() is None:  # a state made before replica ids were recorded with the format
@@ -265,6 +283,24 @@ def _open_existing(
         dedup_window_ms=dedup_window_ms,
         retain=retain,
     )
+
+
+def _restart_empty_log(wal_dir: str, first_lsn: int, fs: FileSystem) -> None:
+    """Remove a follower's empty WAL segments so that recovery starts the log at ``first_lsn``.
+
+    Refuses (:class:`CorruptionError`, nothing removed) if any segment holds
+    a frame: a bootstrap only runs on a follower whose log is empty.
+    """
+    names = [name for name in sorted(fs.listdir(wal_dir)) if name.startswith("wal-") and name.endswith(".log")]
+    if names == [segment_name(first_lsn)]:
+        return
+    for name in names:
+        data = fs.read_file(os.path.join(wal_dir, name))
+        if data[_codec.SEGMENT_HEADER_SIZE :].strip(b"\0"):
+            raise CorruptionError("a follower bootstrap was interrupted, but its WAL holds frames", path=os.path.join(wal_dir, name), offset=_codec.SEGMENT_HEADER_SIZE)
+    for name in names:
+        fs.unlink(os.path.join(wal_dir, name))
+    fs.fsync_dir(wal_dir)
 
 
 def _make_dir(path: str, directory: str, file_mode: int, fs: FileSystem) -> None:

@@ -9,15 +9,18 @@ validates arguments, then delegates -- to :class:`syncstore.changelog.ChangeLog`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from . import _layout
+from . import _bootstrap, _layout
 from ._codec import Record
 from .changelog import ChangeLog, Consumer, Consumers, ConsumerStatus, segment_infos
 from .errors import InvalidArgument
-from .model import Change, check_u64
+from .feed import feed
+from .model import Change, Event, SnapshotChunk, check_u64
 
 if TYPE_CHECKING:
     from ._fileio import FileSystem
@@ -46,11 +49,13 @@ class ChangeLogFacade:
     _fs: FileSystem
     _epoch: int
     _clock: Callable[[], int]
+    _bootstrap: tuple[int, int] | None
 
     if TYPE_CHECKING:
 
         def _check_usable(self) -> None: ...
         def _check_writer(self, *, leader: bool = True) -> Writer: ...
+        def snapshot(self, dest_dir: str | os.PathLike[str], *, full: bool = False) -> object: ...
 
     def _visible_lsn(self) -> int:
         if self._writer is not None:
@@ -161,6 +166,74 @@ class ChangeLogFacade:
         applied = writer.append_records(items)
         writer.flush()  # durable and visible on return, whatever the durability mode: lsn and sync show them
         return applied
+
+    def apply(self, event: Event) -> int:
+        """A follower takes one feed event (:meth:`feed`, or ``syncstore.decode_event`` of its bytes); returns 1 if it was new, else 0.
+
+        A :class:`Change` goes as in :meth:`apply_changes`.  A
+        :class:`SnapshotChunk` bootstraps an empty follower (LSN 0): chunks
+        must come in order from index 0 (another order raises
+        :class:`InvalidArgument` naming the chunk expected, changing
+        nothing); until the final one the follower answers no read
+        (:class:`StoreNotReady`), and with it the follower holds exactly the
+        snapshot's state at its LSN, takes the source's epoch, and continues
+        with the changes after it.  A follower killed mid-bootstrap starts
+        empty again on its next open: feed it again from the first chunk
+        (docs/design.md, "The merged feed").
+        """
+        writer = self._check_writer(leader=False)
+        if isinstance(event, Change):
+            if self._bootstrap is not None:
+                raise InvalidArgument(
+                    f"this follower expects chunk {self._bootstrap[1]} of snapshot {self._bootstrap[0]}, not change {event.lsn}", key="event"
+                )
+            return self.apply_changes([event])
+        if not isinstance(event, SnapshotChunk):
+            raise InvalidArgument(f"event must be a syncstore.Change or SnapshotChunk, got {type(event).__name__}", key="event")
+        assert self._state is not None
+        with writer.apply_lock:  # the applier stays out of LMDB meanwhile
+            if event.index == 0 and (writer.synced_lsn or len(writer.overlay)):
+                raise InvalidArgument(
+                    f"this follower is at LSN {writer.synced_lsn}: a snapshot bootstraps only an empty follower",
+                    key="event",
+                    hint=f"feed it from its own position: leader.feed(since={writer.synced_lsn})",
+                )
+            _bootstrap.apply_chunk(self._state, event)
+            self._bootstrap = None if event.final else (event.snapshot_lsn, event.index + 1)
+            if event.final:
+                marker = _layout.read_marker(self.path, self._fs)
+                _layout.write_marker(self.path, dataclasses.replace(marker, epoch=event.epoch), _layout.store_file_mode(self.path), self._fs)
+                self._epoch = event.epoch  # the leader's history, continued
+                writer.restart_log(event.snapshot_lsn)
+                _bootstrap.finish(self._state, event.snapshot_lsn)
+                if event.last_msg_id is not None:
+                    writer.observe_msg_id(event.last_msg_id)
+                log.info("store %s: bootstrapped from snapshot %d (%d chunks)", self.path, event.snapshot_lsn, event.index + 1)
+        return 1
+
+    def feed(self, since: int = 0, follow: bool = False, timeout: float | None = None, snapshot_dir: str | None = None) -> Iterator[Event]:
+        """One stream that brings any consumer from ``since`` to now (and on, with ``follow=True``).
+
+        If the log holds ``since + 1``: the changes after ``since``.
+        Otherwise the newest recorded snapshot that bridges the gap as
+        :class:`SnapshotChunk` events, then the changes after its LSN.  With
+        no such snapshot, one is taken now into ``snapshot_dir`` if given
+        (outside the store; a writable store only), else
+        :class:`SnapshotRequired` is raised -- never a silent restart.
+        ``follow`` and ``timeout`` as in :meth:`changes`.  Every event has
+        ``encode()``; a follower takes each with :meth:`apply`.
+        """
+        self._check_usable()
+        check_u64("since", since)
+        if type(follow) is not bool:
+            raise InvalidArgument(f"follow must be True or False, got {follow!r}", key="follow")
+        _check_timeout(timeout)
+        take = None
+        if snapshot_dir is not None:
+            if not isinstance(snapshot_dir, (str, os.PathLike)):
+                raise InvalidArgument(f"snapshot_dir must name a directory, got {snapshot_dir!r}", key="snapshot_dir")
+            take = functools.partial(self.snapshot, os.fspath(snapshot_dir))
+        return feed(self._changelog, since, follow, timeout, take)
 
     def promote(self) -> int:
         """Turn this follower into a writable leader (failover); return its new epoch.

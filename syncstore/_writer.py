@@ -729,6 +729,26 @@ class Writer:
         self._sync_if_due()
         return len(fresh)
 
+    @property
+    def apply_lock(self) -> threading.Lock:
+        """Held by whoever writes LMDB (the applier, or a follower's bootstrap)."""
+        return self._apply_lock
+
+    def observe_msg_id(self, msg_id: int) -> None:
+        """Ids issued from now on stay above ``msg_id`` (a follower saw its leader issue it)."""
+        with self.lock:
+            self._ids.observe(msg_id)
+
+    def restart_log(self, lsn: int) -> None:
+        """A follower bootstrapped from a snapshot at ``lsn``: its empty log continues at ``lsn + 1``."""
+        with self.lock:
+            if self._frames or len(self.overlay) or self._next_lsn != self._wal.end_lsn + 1 or self._wal.end_lsn >= self._wal.first_lsn:
+                raise AssertionError("a log restarts only while it holds nothing")
+            self._wal.restart(lsn + 1)
+            with self._synced:
+                self._next_lsn = lsn + 1
+                self._written_lsn = self.synced_lsn = self.acked_lsn = self._notified_lsn = lsn
+
     # --- durability notifications ---------------------------------------------------------
 
     def _notify_durable(self) -> None:

@@ -331,6 +331,11 @@ class ChangeLog:
         if len(segments) <= 1:
             return 0
         pin = self.consumers.pin(segments, self.max_log_bytes)
+        # The log after the newest recorded snapshot stays too (up to the same cap), so that the
+        # snapshot keeps bridging the gap for a feed or a consumer that falls behind.
+        snapshot = newest_snapshot(self._store_path)
+        if snapshot is not None and sum(s.size for s in segments if s.last_lsn > snapshot[0]) <= self.max_log_bytes:
+            pin = snapshot[0] if pin is None else min(pin, snapshot[0])
         return retire_upto(segments, applied, self.retention_bytes, self.retention_ms, pin)
 
     # --- reading ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "IdempotencyConflict",
     "SnapshotRequired",
     "LogGap",
+    "StoreNotReady",
 ]
 
 
@@ -265,3 +266,13 @@ class LogGap(SyncStoreError):
     def __init__(self, message: str, *, missing: tuple[int, int], **kwargs: object) -> None:
         self.missing = missing
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class StoreNotReady(SyncStoreError):
+    """A follower is bootstrapping from a snapshot: its state is incomplete and it answers no read.
+
+    Not a failure: apply the rest of the feed (``follower.apply(event)``);
+    the store reads normally once the final snapshot chunk is applied.
+    """
+
+    default_hint = "apply the rest of the feed; reads work once its final chunk is applied"

@@ -16,7 +16,7 @@ from typing import NamedTuple, overload
 from ._codec import STORED_HEAD_SIZE, Deliver, Expire, ExpiredKey, Record, unpack_inbox_entry, unpack_stored_head
 from .errors import InvalidArgument
 
-__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MessageRecord", "HistoryPage", "Change", "Delivered", "Expired", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
+__all__ = ["Message", "Delivery", "Page", "StoredMessage", "Messages", "MessageRecord", "HistoryPage", "Change", "Delivered", "Expired", "SnapshotChunk", "Event", "MAX_U64", "check_u64", "RESET_AHEAD", "RESET_EPOCH", "RESET_REASONS"]
 
 MAX_U64 = (1 << 64) - 1
 
@@ -318,3 +318,46 @@ class Change:
                 "cursors": {str(uid): cursor for uid, cursor in data.cursors.items()},
             }
         return {"lsn": self.lsn, "kind": self.kind, "keys": [list(key) for key in data.keys]}  # type: ignore[union-attr]
+
+    def encode(self) -> bytes:
+        """This change as a feed event: versioned bytes, CRC-checked (docs/format.md, "Feed events")."""
+        from . import _events  # noqa: PLC0415 - the event codec builds on these values
+
+        return _events.encode_change(self)
+
+
+#: A row of a snapshot: (op 1 put | 2 delete, database id, key, value or duplicate), as in snapshot files.
+SnapshotRow = tuple[int, int, bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """A piece of a snapshot's contents in a feed (``Store.feed``): rows to apply, in order.
+
+    A feed that cannot serve a position from the log sends the newest
+    snapshot at ``snapshot_lsn`` as chunks ``index`` 0, 1, ...; the one with
+    ``final`` completes it, carrying ``last_msg_id`` (the id generator's
+    floor; None when no message was ever applied).  ``epoch`` and
+    ``replica_id`` are the source store's.  ``rows`` are snapshot rows (op,
+    database id, key, value) as docs/format.md describes them.  A follower
+    applies the chunks in order (``apply``) and shows nothing of them until
+    the final one.
+    """
+
+    snapshot_lsn: int
+    index: int
+    final: bool
+    epoch: int
+    replica_id: int
+    last_msg_id: int | None
+    rows: tuple[SnapshotRow, ...]
+
+    def encode(self) -> bytes:
+        """This chunk as a feed event: versioned bytes, CRC-checked (docs/format.md, "Feed events")."""
+        from . import _events  # noqa: PLC0415
+
+        return _events.encode_chunk(self)
+
+
+#: What ``Store.feed`` yields and ``Store.apply`` takes.
+Event = Change | SnapshotChunk

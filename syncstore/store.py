@@ -33,6 +33,7 @@ from .errors import (
     ReadOnlyStore,
     StoreClosed,
     StoreLocked,
+    StoreNotReady,
     SyncStoreError,
     UsedAfterFork,
 )
@@ -303,6 +304,7 @@ class Store(ChangeLogFacade):
         self._epoch = 0
         self.lock_free = False  # a read-only view without an LMDB reader slot (docs/reliability.md)
         self.follower = follower
+        self._bootstrap: tuple[int, int] | None = None  # a follower's bootstrap under way: (snapshot LSN, next chunk)
         self._changelog = ChangeLog(
             path,
             visible=self._visible_lsn,
@@ -389,15 +391,22 @@ class Store(ChangeLogFacade):
 
     # --- guards -------------------------------------------------------------------
 
-    def _check_usable(self) -> None:
+    def _check_usable(self, *, bootstrapping: bool = False) -> None:
+        """Raise unless the store may be used; ``bootstrapping=True``: also while a follower's bootstrap runs."""
         if self._forked:
             raise UsedAfterFork("this store was opened in the parent process", path=self.path)
         if self._closed:
             raise StoreClosed("the store is closed", path=self.path)
+        if self._bootstrap is not None and not bootstrapping:
+            raise StoreNotReady(
+                f"this follower is bootstrapping from snapshot {self._bootstrap[0]} (chunk {self._bootstrap[1]} is next): its state is incomplete",
+                path=self.path,
+                hint="apply the rest of the feed; reads work once its final chunk is applied",
+            )
 
     def _check_writer(self, *, leader: bool = True) -> Writer:
         """The writer, for a write of this kind: a leader's own (``leader``) or a follower's applying its leader's changes."""
-        self._check_usable()
+        self._check_usable(bootstrapping=not leader)
         if self._writer is None:
             raise ReadOnlyStore("the store was opened with readonly=True", path=self.path)
         if leader and self.follower:

@@ -516,6 +516,35 @@ class WriteAheadLog:
                 raise self._fail(error, "WAL fdatasync") from error
             self._unsynced = False
 
+    def restart(self, first_lsn: int) -> None:
+        """Start the log over at ``first_lsn`` (a follower bootstrapped from a snapshot at ``first_lsn - 1``).
+
+        Only for a log that holds no frame: a new empty segment is created
+        (durably) and the old empty ones removed.  A failure breaks the log
+        (:class:`DurabilityError` from then on), as any failed write does.
+        """
+        with self._io_lock:
+            self._check()
+            if any(s.last_lsn >= s.first_lsn for s in self._segments):
+                raise AssertionError("the WAL holds frames: it cannot restart")
+            old, old_fd = self._segments, self._fd
+            self._segments = []
+            try:
+                self._fd = self._new_segment(first_lsn)
+            except OSError as error:
+                self._segments, self._fd = old, old_fd
+                raise self._fail(error, "WAL restart") from error
+            try:
+                if old_fd >= 0:
+                    self._fs.close(old_fd)
+                for segment in old:
+                    if segment.path != self._segments[0].path:
+                        self._fs.unlink(segment.path)
+                self._fs.fsync_dir(self.directory)
+            except OSError as error:
+                raise self._fail(error, "WAL restart") from error
+            self._unsynced = False
+
     def retire(self, upto_lsn: int) -> list[str]:
         """Delete sealed segments whose every frame has LSN <= ``upto_lsn``; return their paths.
 

@@ -272,10 +272,11 @@ def test_full_collapses_the_chain_into_a_new_base(tmp_path):
 
 def test_a_retired_log_gives_a_new_base_and_says_so(tmp_path):
     path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
-    with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0) as store:  # no retention
+    # No retention, and the snapshot's pin on the log after it is capped at two segments.
+    with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0, max_log_bytes=8192) as store:
         fill(store, 1, 20)
         store.snapshot(dest)
-        fill(store, 100, 200)  # many segments of 4 KiB: applied ones are retired
+        fill(store, 100, 200)  # many segments of 4 KiB: applied ones are retired, the snapshot's pin is over its cap
         store._writer.apply_pending()
         assert store._wal.first_lsn > snapshot_chain(dest)[-1].lsn + 1
         info = store.snapshot(dest)
@@ -896,9 +897,9 @@ def test_snapshot_required_names_the_snapshot_and_a_consumer_catches_up_with_it(
     with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0) as leader:
         fill(leader, 1, 60)
         leader.snapshot(dest)
-        fill(leader, 500, 40)  # more segments, retired as soon as applied
-        info = leader.snapshot(dest)  # a base: the log no longer holds what a delta would need
-        assert info.kind == "base" and info.lsn == 100
+        fill(leader, 500, 40)  # more segments: the first snapshot pins the log after it
+        info = leader.snapshot(dest)  # so this is a delta; the log before it then goes
+        assert info.kind == "delta" and info.lsn == 100
         fill(leader, 900, 1)
         leader._writer.apply_pending()
         with pytest.raises(syncstore.SnapshotRequired) as caught:
@@ -910,3 +911,17 @@ def test_snapshot_required_names_the_snapshot_and_a_consumer_catches_up_with_it(
             follower.apply_changes(leader.changes(since=error.snapshot_lsn))
             follower._writer.apply_pending()
             assert dump(follower) == dump(leader)
+
+
+def test_the_newest_snapshot_pins_the_log_after_it_so_it_keeps_bridging_the_gap(tmp_path):
+    path, dest = str(tmp_path / "s"), str(tmp_path / "snaps")
+    with open_store(path, segment_bytes=4096, log_retention_bytes=0, log_retention_ms=0) as store:
+        fill(store, 1, 200)  # several segments before the snapshot: those go
+        snapped = store.snapshot(dest).lsn
+        fill(store, 1000, 200)
+        store._writer.apply_pending()
+        assert store._wal.first_lsn <= snapped + 1  # kept: the snapshot plus the log after it reach now
+        with pytest.raises(syncstore.SnapshotRequired) as caught:
+            store.changes(since=0)
+        assert (caught.value.snapshot_lsn, caught.value.snapshot_dir) == (snapped, os.path.abspath(dest))
+        assert len(list(store.changes(since=snapped))) == store.lsn - snapped
