@@ -70,7 +70,7 @@ class ChangeLogFacade:
         In a read-only view, the last LSN the writer applied to LMDB (at most
         one apply interval behind).
         """
-        self._check_usable()
+        self._check_usable(bootstrapping=True)  # 0 while a follower bootstraps: where its feed starts
         return self._visible_lsn()
 
     def changes(self, since: int = 0, limit: int | None = None, follow: bool = False, timeout: float | None = None) -> Iterator[Change]:
@@ -252,6 +252,7 @@ class ChangeLogFacade:
             promoted = dataclasses.replace(marker, epoch=_layout.new_epoch(), follower=False)
             _layout.write_marker(self.path, promoted, _layout.store_file_mode(self.path), self._fs)
             self.follower, self._epoch = False, promoted.epoch
+            writer.leader = True
         log.warning("store %s promoted from follower to leader at LSN %d: new epoch %d", self.path, self.lsn, promoted.epoch)
         return promoted.epoch
 

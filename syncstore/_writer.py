@@ -161,6 +161,8 @@ class Writer:
         self._retention_problem = ""  # the last retention error logged (each distinct one once)
         self.watchers = Watchers()  # Store.wait and follow=True tails
         self._expire_lsn = 0  # LSN of the last EXPIRE sequenced: one at a time, until it is applied
+        # False for a follower: its log is its leader's, so it never sequences records of its own (expiry included).
+        self.leader = True
         end = wal.end_lsn
         self._notified_lsn = end
         self._next_lsn = end + 1
@@ -654,7 +656,7 @@ class Writer:
         unapplied, since its keys are still in LMDB.  The record is applied
         like any other, once durable.
         """
-        if self._expire_lsn > self._state.applied_lsn():
+        if not self.leader or self._expire_lsn > self._state.applied_lsn():
             return 0
         keys = self._state.expired_keys(self._clock() - self._dedup_window_ms, limit)
         if not keys:

@@ -356,6 +356,8 @@ class Store(ChangeLogFacade):
         except BaseException:
             self._release()
             raise
+        if self._writer is not None:
+            self._writer.leader = not follower
         _live_stores.add(self)
         exposed = _layout.exposed_entries(self.path)
         if exposed:

@@ -379,3 +379,29 @@ def test_a_followers_role_is_in_its_marker_and_promote_makes_it_a_leader_with_a_
         assert follower.sync(2, since=2, epoch=old_epoch).reset  # clients of the old history resync
     with syncstore.open(follower_path) as promoted:  # a leader now, for good
         assert promoted.epoch == epoch and promoted.head(2) == 3
+
+
+def test_a_follower_never_expires_keys_on_its_own_clock_it_applies_its_leaders_expiry(tmp_path):
+    clock = FakeClock()
+    options = dict(clock_ms=clock, dedup_window_ms=DAY, hot_window_ms=DAY)
+    with syncstore.open(str(tmp_path / "leader"), **options) as leader, syncstore.open(str(tmp_path / "f"), follower=True, **options) as follower:
+        leader.deliver(msg(1), to=[1])
+        follower.apply_changes(leader.changes())
+        follower._writer.apply_pending()
+        clock.now += 2 * DAY
+        with follower._writer._apply_lock:
+            assert follower._writer.expire_dedup() == 0  # its log is its leader's
+        assert follower.lsn == 1
+        retire_now(leader)
+        with leader._writer._apply_lock:
+            assert leader._writer.expire_dedup() == 1
+        leader.flush()
+        follower.apply_changes(leader.changes(since=1))
+        follower._writer.apply_pending()
+        assert follower.lsn == 2 and follower.check()["dedup_entries"] == 0
+        follower.promote()
+        follower.deliver(msg(7), to=[1])
+        retire_now(follower)
+        clock.now += 2 * DAY
+        with follower._writer._apply_lock:
+            assert follower._writer.expire_dedup() == 1  # a leader now: it expires its own keys
