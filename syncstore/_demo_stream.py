@@ -17,6 +17,10 @@ What an IM server does with the change log besides serving clients:
    with ``apply_changes`` in batches, is closed and reopened half-way (it
    resumes from its own ``lsn``), and must end with every user's inbox, head
    and ``check()`` equal to the leader's.
+5. *Snapshots*: a full snapshot, three more writes (to a system "audit"
+   inbox beyond the demo's users, so no client's inbox changes), a delta
+   (which must be small), then ``restore`` into a new store: every head
+   equal, ``check()`` clean, a new epoch.
 
 Pure orchestration over the public API; failures go through ``fail``.
 """
@@ -32,13 +36,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from . import store as _store
-from .model import Change, Delivered, Delivery
+from ._restore import restore
+from .model import Change, Delivered, Delivery, Message
 
 __all__ = ["StreamResult", "LiveTail", "OnlineClients", "consume_and_replicate"]
 
 Fail = Callable[[str], None]
 Key = tuple[int, int]
 _FOLLOWER_BATCH = 2_000
+#: Writes between the base and the delta snapshot, to a system inbox (user ``users + 1``): the demo's counts add them.
+SNAPSHOT_WRITES = 3
 _POLL_S = 0.25  # an online client re-checks its stop flag this often (the wait itself is woken by writes)
 
 
@@ -52,6 +59,7 @@ class StreamResult:
     consumer_changes: int  # changes the named consumer read and acknowledged
     follower_changes: int  # changes the follower applied
     follower_users: int  # users whose inbox on the follower equals the leader's
+    restored_users: int  # users whose head in a store restored from a base + delta snapshot equals the store's
 
 
 class LiveTail:
@@ -70,12 +78,13 @@ class LiveTail:
         except BaseException as error:  # reported by verify
             self.error = error
 
-    def verify(self, expected: Mapping[Key, Delivery], fail: Fail) -> int:
-        """After the store closed: the tail got exactly ``expected`` (first deliveries), once each, in LSN order."""
+    def verify(self, expected: Mapping[Key, Delivery], upto: int, fail: Fail) -> int:
+        """After the store closed: up to LSN ``upto``, the tail got exactly ``expected`` (first deliveries), once each, in LSN order."""
         self._thread.join()
         if self.error is not None:
             fail(f"live tail failed: {self.error!r}")
             return 0
+        self.received = [change for change in self.received if change.lsn <= upto]  # later writes are another phase's
         lsns = [change.lsn for change in self.received]
         if lsns != list(range(self.since + 1, self.since + 1 + len(lsns))):
             fail(f"live tail: LSNs not dense from {self.since + 1}")
@@ -141,8 +150,8 @@ class OnlineClients:
         return len(self.cursors)
 
 
-def consume_and_replicate(store: _store.Store, deliveries: Mapping[Key, Delivery], users: int, rng: random.Random, fail: Fail) -> tuple[int, int, int]:
-    """The named consumer and the follower replica (steps 3 and 4); returns (consumed, applied, users matching)."""
+def consume_and_replicate(store: _store.Store, deliveries: Mapping[Key, Delivery], users: int, rng: random.Random, fail: Fail) -> tuple[int, int, int, int]:
+    """Steps 3 to 5: the named consumer, the follower replica, a snapshot restored; returns (consumed, applied, users matching, users restored)."""
     consumer = store.consumer("demo-indexer", start=0)
     seen: set[Key] = set()
     last = 0
@@ -190,6 +199,37 @@ def consume_and_replicate(store: _store.Store, deliveries: Mapping[Key, Delivery
             follower.check()
         finally:
             follower.close()
+        restored = _snapshot_and_restore(store, directory, users, fail)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return len(seen), applied, matching
+    return len(seen), applied, matching, restored
+
+
+def _snapshot_and_restore(store: _store.Store, directory: str, users: int, fail: Fail) -> int:
+    """Step 5: a full snapshot and a delta of a few more writes, restored into a new store; returns the users compared.
+
+    The restored store must hold exactly the store's state at the delta's
+    LSN (every head equal, ``check()`` clean) under a new epoch.
+    """
+    snapshots = f"{directory}/snapshots"
+    store.snapshot(snapshots)
+    # To a system inbox beyond the demo's users (an audit trail), so that no client's inbox changes.
+    audit = users + 1
+    extra = [store.deliver(Message(sender=audit, conv=0, client_seq=n + 1, body=b"audit: snapshot %d" % n), to=[audit]) for n in range(SNAPSHOT_WRITES)]
+    store.flush()
+    delta = store.snapshot(snapshots)
+    if delta.kind != "delta" or delta.rows == 0:
+        fail(f"snapshot after 3 writes was a {delta.kind} of {delta.rows} rows, expected a small delta")
+    restore(snapshots, f"{directory}/restored")
+    with _store.open(f"{directory}/restored") as copy:
+        if copy.epoch == store.epoch:
+            fail("a restored store kept its source's epoch")
+        compared = 0
+        for uid in range(1, users + 2):
+            if copy.head(uid) != store.head(uid):
+                fail(f"restored store: user {uid} has head {copy.head(uid)}, the store {store.head(uid)}")
+            compared += 1
+        copy.check()
+    if any(delivery.duplicate for delivery in extra):
+        fail("a snapshot demo write came back as a duplicate")
+    return compared

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 import syncstore
-from syncstore import _demo
+from syncstore import _demo, _demo_stream
 from syncstore.cli import ProgressLine, main
 
 SMALL = ["demo", "--users", "200", "--messages", "2000"]
@@ -26,12 +26,12 @@ def test_demo_small_run_verifies_and_reports(tmp_path, capsys):
     assert "verification   OK" in out
     assert "200 users, 2,000 messages, 8 sender threads" in out
     assert "delivered      2,000 messages" in out
-    for words in ("duplicates suppressed", "msg/s durable", "p50", "p99", "pages of <= 50", "reopen (recovery)", "store.check()", "a live tail got", "a follower applied 2,000"):
+    for words in ("duplicates suppressed", "msg/s durable", "p50", "p99", "pages of <= 50", "reopen (recovery)", "store.check()", "a live tail got", "a follower applied 2,000", "restored into a new store: 201 heads equal"):
         assert words in out
     assert "deliver 1/2" in err  # the progress line
     assert (path / "wal").is_dir() and (path / "state").is_dir()  # a given path is kept
     with syncstore.open(path) as store:
-        assert store.check()["dedup_entries"] == 2000
+        assert store.check()["dedup_entries"] == 2000 + _demo_stream.SNAPSHOT_WRITES  # the audit inbox's snapshot-phase writes
 
 
 def test_demo_result_numbers_add_up(tmp_path):
@@ -41,12 +41,12 @@ def test_demo_result_numbers_add_up(tmp_path):
     assert result.messages == result.one_to_one + result.group == 1500
     assert result.group > 0 and 3 <= result.max_fanout <= 50
     assert result.retries > 0 and result.duplicates == result.retries
-    assert result.catchup_messages == result.inbox_entries == result.check["inbox_entries"]
+    assert result.catchup_messages == result.inbox_entries == result.check["inbox_entries"] - _demo_stream.SNAPSHOT_WRITES
     assert result.clients_verified == 150
     stream = result.stream  # the change log: every delivery reaches the tail, the consumer and the follower
     assert stream.tail_changes == sum(len(queue[1]) for queue in _demo._make_plan(config).queues)
     assert stream.consumer_changes == stream.follower_changes == 1500 and stream.follower_users == 150
-    assert stream.online_clients == 5
+    assert stream.online_clients == 5 and stream.restored_users == 151  # every user and the audit inbox
     again = _demo.run_demo(_demo.DemoConfig(users=150, messages=1500, threads=4, seed=3))
     assert (again.inbox_entries, again.one_to_one, again.retries) == (result.inbox_entries, result.one_to_one, result.retries)
 

@@ -21,7 +21,7 @@ def test_the_live_tail_check_reports_a_missing_and_a_wrong_delivery(store_path):
     expected[(1, 99)] = Delivery.of(1, False, ((1, 9),))  # made "while it ran" but never seen by the tail
     first = made[(1, 1)]
     expected[(1, 1)] = Delivery.of(first.msg_id, False, ((1, 1), (2, 7)))  # another cursor than the log's
-    assert tail.verify(expected, failures.append) == 3
+    assert tail.verify(expected, 3, failures.append) == 3
     assert any("received 3 deliveries, 4 were made" in f for f in failures)
     assert any("other ids or cursors" in f for f in failures)
 
@@ -30,7 +30,7 @@ def test_consume_and_replicate_agree_with_the_deliveries_and_report_a_wrong_one(
     with syncstore.open(store_path) as store:
         made = {(1, seq): store.deliver(Message(sender=1, conv=1, client_seq=seq, body=b"x"), to=[1 + seq % 3, 9]) for seq in range(1, 40)}
         ok: list[str] = []
-        assert _demo_stream.consume_and_replicate(store, made, 10, random.Random(1), ok.append) == (39, 39, 10)
+        assert _demo_stream.consume_and_replicate(store, made, 10, random.Random(1), ok.append) == (39, 39, 10, 11)
         assert ok == []
         wrong = dict(made)
         wrong[(1, 5)] = Delivery.of(123, False, ((2, 1),))
