@@ -158,7 +158,6 @@ class Writer:
         self._dedup_window_ms = dedup_window_ms
         # Retention: given the applied LSN, up to which LSN WAL segments may go (the change log's policy).
         self._retain = retain or (lambda applied: applied)
-        self._retention_problem = ""  # the last retention error logged (each distinct one once)
         self.watchers = Watchers()  # Store.wait and follow=True tails
         self._expire_lsn = 0  # LSN of the last EXPIRE sequenced: one at a time, until it is applied
         # False for a follower: its log is its leader's, so it never sequences records of its own (expiry included).
@@ -629,24 +628,10 @@ class Writer:
             log.warning("store %s: LMDB accepts writes again", self._path)
             self._apply_full = None
         if len(self._wal.segment_paths()) > 1:  # also with nothing new applied: a consumer's ack may free segments
-            upto = self._retention_upto(applied or self._state.applied_lsn())
+            upto = self._retain(applied or self._state.applied_lsn())
             if upto >= self._wal.first_lsn:
                 self._state.sync()  # the applied LSN must be durable before its WAL goes
                 self._wal.retire(upto)
-
-    def _retention_upto(self, applied: int) -> int:
-        """The retention policy's answer, or 0 (delete nothing) if it cannot be read -- logged once per distinct problem.
-
-        Retention is housekeeping: a damaged consumers file or an I/O error
-        reading it must keep the log (the safe side), never stop the applier.
-        """
-        try:
-            return self._retain(applied)
-        except (OSError, SyncStoreError) as error:
-            if str(error) != self._retention_problem:
-                self._retention_problem = str(error)
-                log.warning("store %s: WAL retention skipped (nothing deleted): %s", self._path, error)
-            return 0
 
     def expire_dedup(self, limit: int = _PURGE_BATCH) -> int:
         """Sequence an EXPIRE record for up to ``limit`` idempotency keys past the dedup window; return how many.

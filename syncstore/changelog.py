@@ -49,7 +49,7 @@ from . import _codec, _layout
 from ._walread import LogReader, LogRetired, segment_files
 from .snapshot import newest_snapshot
 from ._fileio import FileSystem
-from .errors import CorruptionError, InvalidArgument, SnapshotRequired
+from .errors import CorruptionError, InvalidArgument, SnapshotRequired, SyncStoreError
 from ._watch import Watchers
 from .model import Change, check_u64
 
@@ -314,6 +314,7 @@ class ChangeLog:
         self._clock_ms = clock_ms
         self._monotonic = monotonic
         self._consumers: Consumers | None = None
+        self._retention_problem = ""  # the last retention error logged (each distinct one once)
         self._consumers_lock = threading.Lock()
 
     @property
@@ -326,7 +327,22 @@ class ChangeLog:
     # --- retention ------------------------------------------------------------------
 
     def retire_upto(self, applied: int) -> int:
-        """Up to which LSN the writer may delete WAL segments now (called by the applier and on open)."""
+        """Up to which LSN the writer may delete WAL segments now (called by the applier and on open).
+
+        Retention is housekeeping: if the policy cannot be read (a damaged
+        consumers file, an I/O error), nothing is deleted -- the safe side --
+        and the problem is logged once per distinct error, never raised into
+        the applier or an open.
+        """
+        try:
+            return self._retire_upto(applied)
+        except (OSError, SyncStoreError) as error:
+            if str(error) != self._retention_problem:
+                self._retention_problem = str(error)
+                log.warning("store %s: WAL retention skipped (nothing deleted): %s", self._store_path, error)
+            return 0
+
+    def _retire_upto(self, applied: int) -> int:
         segments = segment_infos(self.wal_dir, self._clock_ms())
         if len(segments) <= 1:
             return 0
