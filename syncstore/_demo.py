@@ -500,13 +500,13 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
                 run.fail(f"store.check(): {error}")
                 check = {}
         extra = _demo_stream.SNAPSHOT_WRITES  # the snapshot phase's writes to the audit inbox, one recipient each
-        entries, sends = sum(len(s.to) for s in run.plan.sends) + extra, len(run.plan.sends) + extra
+        entries, stored = sum(len(s.to) for s in run.plan.sends) + extra, len(run.plan.sends) + extra
         if check and check.get("inbox_entries") != entries:
             run.fail(f"store.check() counts {check.get('inbox_entries')} inbox entries, expected {entries}")
-        if check and check.get("messages") != sends:
-            run.fail(f"store.check() counts {check.get('messages')} stored messages, expected one per delivery: {sends}")
-        if check and check.get("dedup_entries") != sends:
-            run.fail(f"store.check() counts {check.get('dedup_entries')} dedup entries, expected {sends}")
+        if check and check.get("messages") != stored:
+            run.fail(f"store.check() counts {check.get('messages')} stored messages, expected one per delivery: {stored}")
+        if check and check.get("dedup_entries") != stored:
+            run.fail(f"store.check() counts {check.get('dedup_entries')} dedup entries, expected {stored}")
     finally:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
