@@ -46,6 +46,9 @@ example:
 
 
 def _cmd_changes(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.follow:
+        print("syncstore changes: error: --timeout is how long --follow waits: pass --follow too", file=sys.stderr)
+        return 2
     with open_store(args.path, readonly=True) as store:
         try:
             for change in store.changes(since=args.since, limit=args.limit, follow=args.follow, timeout=args.timeout):

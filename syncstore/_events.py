@@ -43,7 +43,7 @@ import zstandard
 
 from . import _codec
 from . import _snapformat as fmt
-from .errors import CorruptionError
+from .errors import CorruptionError, InvalidArgument
 from .model import Change, Event, SnapshotChunk
 
 __all__ = ["encode_change", "encode_chunk", "decode_event", "EVENT_MAGIC"]
@@ -100,7 +100,12 @@ def _corrupt(message: str, offset: int) -> CorruptionError:
 
 
 def decode_event(data: bytes | bytearray | memoryview) -> Event:
-    """Decode one event (``syncstore.decode_event``); :class:`CorruptionError` (``key="event"``, offset) on any damage."""
+    """Decode one event (``syncstore.decode_event``); :class:`CorruptionError` (``key="event"``, offset) on any damage.
+
+    ``data`` must be bytes-like (bytes, bytearray, memoryview), else :class:`InvalidArgument`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"an event is bytes (from event.encode()), got {type(data).__name__}", key="data")
     data = bytes(data)
     if len(data) < EVENT_HEAD_SIZE + _CRC_SIZE:
         raise _corrupt(f"{len(data)} bytes is shorter than any event", min(len(data), EVENT_HEAD_SIZE))

@@ -141,7 +141,7 @@ def _chain_upto(manifest: Manifest, lsn: object, directory: str) -> tuple[ChainE
     raise InvalidArgument(
         f"lsn must be the LSN of a snapshot in {directory}, got {lsn!r}; the chain holds LSNs {', '.join(map(str, lsns))}",
         key="lsn",
-        hint="pick one of those (or None for the newest); nothing was written",
+        hint="pick one of those (or leave lsn out -- no --lsn on the command line -- for the newest); nothing was written",
     )
 
 

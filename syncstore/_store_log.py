@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -33,8 +34,10 @@ log = logging.getLogger("syncstore.store")
 
 
 def _check_timeout(timeout: object) -> None:
-    if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):  # type: ignore[operator]
-        raise InvalidArgument(f"timeout must be None or seconds >= 0, got {timeout!r}", key="timeout")
+    if timeout is not None and (type(timeout) not in (int, float) or not 0 <= timeout <= threading.TIMEOUT_MAX):  # type: ignore[operator]
+        raise InvalidArgument(
+            f"timeout must be None (no limit) or seconds in 0..{threading.TIMEOUT_MAX:.0f}, got {timeout!r}", key="timeout", hint="pass None to wait without a limit"
+        )
 
 
 
@@ -93,6 +96,8 @@ class ChangeLogFacade:
         if type(follow) is not bool:
             raise InvalidArgument(f"follow must be True or False, got {follow!r}", key="follow")
         _check_timeout(timeout)
+        if timeout is not None and not follow:
+            raise InvalidArgument("timeout is how long follow=True waits for new changes: pass follow=True too, or no timeout", key="timeout")
         return self._changelog.changes(since, limit, follow, timeout)
 
     def wait(self, user: int, since: int, timeout: float | None = None) -> bool:
@@ -154,6 +159,10 @@ class ChangeLogFacade:
         Durable and visible on return, in every durability mode.  Only on a store opened with ``follower=True``.
         """
         writer = self._check_writer(leader=False)
+        if self._bootstrap is not None:
+            raise InvalidArgument(
+                f"this follower is bootstrapping: it expects chunk {self._bootstrap[1]} of snapshot {self._bootstrap[0]}, not changes", key="changes"
+            )
         if isinstance(changes, (str, bytes)) or not isinstance(changes, Iterable):
             raise InvalidArgument(f"changes must be an iterable of syncstore.Change, got {type(changes).__name__}", key="changes")
         items: list[tuple[int, Record]] = []
@@ -181,15 +190,12 @@ class ChangeLogFacade:
         empty again on its next open: feed it again from the first chunk
         (docs/design.md, "The merged feed").
         """
-        writer = self._check_writer(leader=False)
+        self._check_writer(leader=False)
         if isinstance(event, Change):
-            if self._bootstrap is not None:
-                raise InvalidArgument(
-                    f"this follower expects chunk {self._bootstrap[1]} of snapshot {self._bootstrap[0]}, not change {event.lsn}", key="event"
-                )
             return self.apply_changes([event])
         if not isinstance(event, SnapshotChunk):
             raise InvalidArgument(f"event must be a syncstore.Change or SnapshotChunk, got {type(event).__name__}", key="event")
+        writer = self._check_writer(leader=False)
         assert self._state is not None
         with writer.apply_lock:  # the applier stays out of LMDB meanwhile
             if event.index == 0 and (writer.synced_lsn or len(writer.overlay)):
@@ -230,8 +236,11 @@ class ChangeLogFacade:
         _check_timeout(timeout)
         take = None
         if snapshot_dir is not None:
-            if not isinstance(snapshot_dir, (str, os.PathLike)):
+            if not isinstance(snapshot_dir, (str, os.PathLike)) or not os.fspath(snapshot_dir):
                 raise InvalidArgument(f"snapshot_dir must name a directory, got {snapshot_dir!r}", key="snapshot_dir")
+            inside = os.path.realpath(snapshot_dir)
+            if os.path.commonpath([inside, os.path.realpath(self.path)]) == os.path.realpath(self.path):
+                raise InvalidArgument(f"snapshot_dir {snapshot_dir} is inside the store", key="snapshot_dir", hint="write snapshots outside the store directory (another disk, ideally)")
             take = functools.partial(self.snapshot, os.fspath(snapshot_dir))
         return feed(self._changelog, since, follow, timeout, take)
 
@@ -247,6 +256,7 @@ class ChangeLogFacade:
         unique only while one of them writes.
         """
         writer = self._check_writer(leader=False)
+        self._check_usable()  # a follower in the middle of a bootstrap is not promoted: StoreNotReady
         with writer.lock:  # no apply_changes meanwhile
             marker = _layout.read_marker(self.path, self._fs)
             promoted = dataclasses.replace(marker, epoch=_layout.new_epoch(), follower=False)

@@ -199,13 +199,15 @@ class Consumers:
         with self._lock:
             entry = self._table.get(name)
             if entry is None:
-                raise InvalidArgument(f"no consumer named {name!r}: it was removed", key=name, hint="store.consumer(name) creates it again")
+                raise InvalidArgument(f"no consumer named {name!r}: it was removed", key="name", hint="store.consumer(name) creates it again")
             if lsn < entry["position"]:  # type: ignore[operator]
                 raise InvalidArgument(
                     f"consumer {name!r} acknowledged {entry['position']} already; an ack moves forward only, got {lsn}", key="lsn"
                 )
-            if lsn != entry["position"]:
-                entry["position"] = lsn
+            if lsn != entry["position"] or entry["dropped"] is not None:
+                if entry["dropped"] is not None:  # it caught up (from a snapshot): it pins again, within the cap
+                    log.info("store %s: consumer %r acknowledged %d and pins the log again", self._dir, name, lsn)
+                entry["position"], entry["dropped"] = lsn, None
                 self._save()
 
     def drop(self, name: str, reason: str) -> None:
@@ -299,6 +301,7 @@ class ChangeLog:
         retention_ms: int,
         max_log_bytes: int,
         clock_ms: Callable[[], int],
+        check_usable: Callable[[], None] = lambda: None,
         monotonic: ClockFn = time.monotonic,
     ) -> None:
         self.wal_dir = os.path.join(store_path, _layout.WAL_DIR)
@@ -312,6 +315,7 @@ class ChangeLog:
         self.retention_ms = retention_ms
         self.max_log_bytes = max_log_bytes
         self._clock_ms = clock_ms
+        self.check_usable = check_usable  # the store's guard: a consumer handle of a closed store raises StoreClosed
         self._monotonic = monotonic
         self._consumers: Consumers | None = None
         self._retention_problem = ""  # the last retention error logged (each distinct one once)
@@ -476,7 +480,9 @@ class Consumer:
     from it.  ``dropped`` is None, or why it no longer pins the log (it stays
     listed until ``Store.drop_consumer``); a dropped consumer can still read
     while the log holds its position, and gets :class:`SnapshotRequired`
-    after.
+    after.  Its next ``ack`` (e.g. after catching up from a snapshot) makes
+    it pin the log again.  Every call raises :class:`StoreClosed` once the
+    store is closed.
     """
 
     def __init__(self, changelog: ChangeLog, name: str) -> None:
@@ -484,9 +490,10 @@ class Consumer:
         self.name = name
 
     def _entry(self) -> tuple[int, str | None]:
+        self._log.check_usable()
         entry = self._log.consumers.get(self.name)
         if entry is None:
-            raise InvalidArgument(f"no consumer named {self.name!r}: it was removed", key=self.name, hint="store.consumer(name) creates it again")
+            raise InvalidArgument(f"no consumer named {self.name!r}: it was removed", key="name", hint="store.consumer(name) creates it again")
         return entry
 
     @property
@@ -505,6 +512,7 @@ class Consumer:
     def ack(self, lsn: int) -> None:
         """Record, durably, that every change up to ``lsn`` is processed.  Forward only; ``lsn`` <= ``store.lsn``."""
         check_u64("lsn", lsn)
+        self._entry()  # usable, and not removed
         end = self._log.visible()
         if lsn > end:
             raise InvalidArgument(f"cannot acknowledge {lsn}: the change log ends at {end}", key="lsn")

@@ -380,6 +380,8 @@ def snapshot_chain(dest_dir: str | os.PathLike[str]) -> list[SnapshotInfo]:
     if not isinstance(dest_dir, (str, os.PathLike)) or not os.fspath(dest_dir):
         raise InvalidArgument(f"dest_dir must name a directory, got {dest_dir!r}", key="dest_dir")
     directory = os.path.abspath(os.fspath(dest_dir))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InvalidArgument(f"{directory} is not a directory: snapshots are a directory", key="dest_dir", path=directory)
     if not os.path.isdir(directory):
         return []
     try:

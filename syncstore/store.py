@@ -316,6 +316,7 @@ class Store(ChangeLogFacade):
             retention_ms=log_retention_ms,
             max_log_bytes=max_log_bytes,
             clock_ms=self._clock,
+            check_usable=self._check_usable,
         )
         self._register()
         opened = _open.Opened()
@@ -418,7 +419,11 @@ class Store(ChangeLogFacade):
                 hint="write to the leader; apply its changes here with apply_changes(); promote() makes this store a leader",
             )
         if not leader and not self.follower:
-            raise ReadOnlyStore("apply_changes is for followers: open the store with follower=True", path=self.path)
+            raise ReadOnlyStore(
+                "this store is a leader: apply, apply_changes and promote are for followers",
+                path=self.path,
+                hint="a follower is a store opened with follower=True (or restored with syncstore.restore(..., follower=True)); a promoted follower is a leader for good",
+            )
         return self._writer
 
     # --- validation ---------------------------------------------------------------
@@ -626,6 +631,8 @@ class Store(ChangeLogFacade):
         Layout and guarantees: docs/format.md and docs/design.md, "Snapshots".
         """
         self._check_usable()
+        if not isinstance(dest_dir, (str, os.PathLike)) or (os.path.exists(dest_dir) and not os.path.isdir(dest_dir)):
+            raise InvalidArgument(f"dest_dir must name a directory (new or holding snapshots), got {dest_dir!r}", key="dest_dir")
         if self._writer is not None:
             self._writer.apply_pending()
         assert self._state is not None

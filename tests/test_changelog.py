@@ -405,3 +405,62 @@ def test_a_follower_never_expires_keys_on_its_own_clock_it_applies_its_leaders_e
         clock.now += 2 * DAY
         with follower._writer._apply_lock:
             assert follower._writer.expire_dedup() == 1  # a leader now: it expires its own keys
+
+
+def test_fresh_user_findings_are_clear_errors(tmp_path):
+    """What a first user ran into: handles of a closed store, huge timeouts, timeouts without follow, wrong store kinds."""
+    path = str(tmp_path / "s")
+    store = syncstore.open(path)
+    store.deliver(msg(1), to=[1])
+    consumer = store.consumer("c", start=0)
+    for bad in (float("inf"), 1e20, 2**70):
+        with pytest.raises(syncstore.InvalidArgument, match="timeout"):
+            store.wait(1, 5, timeout=bad)
+        with pytest.raises(syncstore.InvalidArgument, match="timeout"):
+            store.changes(follow=True, timeout=bad)
+    with pytest.raises(syncstore.InvalidArgument, match="follow=True"):
+        store.changes(timeout=5)
+    with pytest.raises(syncstore.ReadOnlyStore, match="for followers"):
+        store.promote()
+    with pytest.raises(syncstore.InvalidArgument):
+        syncstore.decode_event("garbage")  # type: ignore[arg-type]
+    with pytest.raises(syncstore.InvalidArgument, match="inside the store"):
+        store.feed(0, snapshot_dir=os.path.join(path, "snaps"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(syncstore.InvalidArgument):
+        store.snapshot(str(tmp_path / "file"))
+    with pytest.raises(syncstore.InvalidArgument):
+        syncstore.snapshot_chain(str(tmp_path / "file"))
+    store.close()
+    with pytest.raises(syncstore.StoreClosed):
+        consumer.ack(1)
+    with pytest.raises(syncstore.StoreClosed):
+        consumer.lag
+
+
+def test_a_dropped_consumer_pins_again_once_it_acks(store_path):
+    with syncstore.open(store_path, max_log_bytes=3 * 4096, **SMALL) as store:
+        slow = store.consumer("slow", start=0)
+        for seq in range(1, 101):
+            store.deliver(msg(seq, b"x" * 200), to=[1])
+        retire_now(store)
+        assert slow.dropped is not None
+        slow.ack(store.lsn)  # caught up (from a snapshot, say)
+        assert slow.dropped is None and store.consumers()[0].dropped is None
+
+
+def test_a_bootstrapping_follower_is_not_promoted_and_takes_no_changes(tmp_path):
+    from test_feed import _leader_with_a_chain
+
+    leader, _snapdir = _leader_with_a_chain(tmp_path)
+    try:
+        events = list(leader.feed(0))
+        with syncstore.open(str(tmp_path / "f"), follower=True) as follower:
+            follower.apply(events[0])
+            with pytest.raises(syncstore.StoreNotReady):
+                follower.promote()
+            with pytest.raises(syncstore.InvalidArgument, match="bootstrapping"):
+                follower.apply_changes([events[-1]])
+            assert follower.follower
+    finally:
+        leader.close()

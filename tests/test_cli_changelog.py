@@ -42,5 +42,6 @@ def test_bad_input_is_one_clear_line_and_exit_code(store_path):
     assert beyond.returncode == 1 and "beyond the end of the change log" in beyond.stderr and "Traceback" not in beyond.stderr
     assert run("changes", store_path, "--limit", "0").returncode == 2
     assert run("changes", store_path, "--since", "-1").returncode == 2
+    assert run("changes", store_path, "--timeout", "1").returncode == 2  # --timeout is for --follow
     missing = run("changes", store_path + "-nope")
     assert missing.returncode == 1 and "no store" in missing.stderr
