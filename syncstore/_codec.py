@@ -123,6 +123,9 @@ FRAME_LEAD_FMT = ">QBQ"  # LSN, record type, synced LSN: the start of every payl
 FRAME_LEAD_SIZE = 17
 assert struct.calcsize(FRAME_LEAD_FMT) == FRAME_LEAD_SIZE
 _SYNCED_OFFSET = 9  # of the synced LSN within the payload (after LSN and record type)
+FRAME_HEAD_FMT = ">IIQBQ"  # prefix and lead read at once: length, CRC, LSN, record type, synced LSN
+FRAME_HEAD_SIZE = FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE  # also the smallest frame there is
+assert struct.calcsize(FRAME_HEAD_FMT) == FRAME_HEAD_SIZE
 #: A frame longer than this is garbage, not a record (bodies are capped far below).
 MAX_PAYLOAD = 1 << 30
 
@@ -163,6 +166,7 @@ _segment_header = struct.Struct(SEGMENT_HEADER_FMT)
 _crc = struct.Struct(CRC_FMT)
 _frame_prefix = struct.Struct(FRAME_PREFIX_FMT)
 _frame_lead = struct.Struct(FRAME_LEAD_FMT)
+_frame_head = struct.Struct(FRAME_HEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
@@ -325,6 +329,59 @@ def decode_frame(data: bytes | memoryview, offset: int, check_crc: bool = True) 
         return None
     lsn, rtype, synced = _frame_lead.unpack_from(data, start)
     return Frame(offset, end, lsn, rtype, bytes(data[start + FRAME_LEAD_SIZE : end]), synced)
+
+
+def scan_frames(data: bytes, offset: int, first_lsn: int) -> tuple[list[int], int, bool]:
+    """Verify the frames lying back to back in ``data`` from ``offset``: CRCs, and LSNs dense from ``first_lsn``.
+
+    Returns ``(starts, end, wrong_lsn)``: the offsets of the valid frames, in
+    order; the offset where they stop (``len(data)`` or the first byte that
+    does not start a valid frame with the next LSN -- preallocated zeros, a
+    torn tail or damage; the caller tells them apart); and whether the frame
+    there has a valid CRC but not the expected LSN.  The same checks as
+    :func:`decode_frame` at every offset, without building a frame: this is
+    recovery's pass over the whole log.
+    """
+    size = len(data)
+    starts: list[int] = []
+    add = starts.append
+    unpack = _frame_head.unpack_from
+    seeds: dict[int, int] = {}  # CRC-32C of each length word seen: frames of one size share it
+    expected = first_lsn
+    view = memoryview(data)
+    try:
+        while offset + FRAME_HEAD_SIZE <= size:
+            length, stored, lsn, _rtype, _synced = unpack(data, offset)
+            end = offset + FRAME_PREFIX_SIZE + length
+            if length < FRAME_LEAD_SIZE or length > MAX_PAYLOAD or end > size:
+                break
+            seed = seeds.get(length)
+            if seed is None:
+                seed = seeds[length] = crc32c(view[offset : offset + 4])
+            if crc32c(view[offset + FRAME_PREFIX_SIZE : end], seed) != stored:
+                break
+            if lsn != expected:
+                return starts, offset, True
+            add(offset)
+            offset = end
+            expected += 1
+    finally:
+        view.release()
+    return starts, offset, False
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def zeros_from(data: bytes, offset: int) -> bool:
+    """Whether every byte of ``data`` from ``offset`` on is zero (compared in blocks: no copy, no count)."""
+    zeros, size, block = memoryview(_ZEROS), len(data), len(_ZEROS)
+    while offset < size:
+        step = min(block, size - offset)
+        if not data.startswith(zeros[:step], offset):
+            return False
+        offset += step
+    return True
 
 
 # --- records ------------------------------------------------------------------

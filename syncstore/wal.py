@@ -242,7 +242,7 @@ class WriteAheadLog:
         if names:
             path = os.path.join(self.directory, names[-1])
             data = last_data = self._fs.read_file(path)
-            if len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data):
+            if len(data) < SEGMENT_HEADER_SIZE or _codec.zeros_from(data, 0):
                 # A segment whose header never became durable: a crash while creating it -- or
                 # a segment that was cut or zeroed, which the checks below must tell apart.
                 incomplete = (path, len(data), _segment_lsn(names[-1]))
@@ -328,21 +328,17 @@ class WriteAheadLog:
             self.close()
             raise io_failure(error, "WAL recovery", self.directory) from error
 
-    def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> None:
-        offset = SEGMENT_HEADER_SIZE
-        expected = segment.first_lsn
-        decode = _codec.decode_frame
-        while offset < len(data):
-            frame = decode(data, offset)
-            if frame is None or frame.lsn != expected:
-                if data.count(0, offset) == len(data) - offset:
-                    break  # preallocated, never written: the clean end of the log
-                self._bad_frame(segment, data, offset, expected, is_last, frame is not None)
-                return
-            offset = frame.end
-            expected += 1
+    def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> list[int]:
+        """Verify the segment's frames; return their offsets (up to a torn tail, which is noted)."""
+        starts, offset, wrong_lsn = _codec.scan_frames(data, SEGMENT_HEADER_SIZE, segment.first_lsn)
+        expected = segment.first_lsn + len(starts)
+        if offset < len(data) and (wrong_lsn or not _codec.zeros_from(data, offset)):
+            self._bad_frame(segment, data, offset, expected, is_last, wrong_lsn)
+            return starts
+        # Anything after the frames is preallocated, never written: the clean end of the log.
         segment.last_lsn = expected - 1
         segment.size = offset
+        return starts
 
     def _bad_frame(
         self, segment: _Segment, data: bytes, offset: int, expected: int, is_last: bool, wrong_lsn: bool
