@@ -179,6 +179,13 @@ _refs = struct.Struct(">I")  # the first field of a message value
 _inbox_entry = struct.Struct(INBOX_ENTRY_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
+_two_pairs = struct.Struct(">QQQQ")
+_DELIVER_FIXED_SIZE = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
+_deliver_fixed = struct.Struct(MESSAGE_HEAD_FMT + DELIVER_COUNTS_FMT[1:])  # head and counts: one read
+assert _deliver_fixed.size == _DELIVER_FIXED_SIZE
+_new_tuple = tuple.__new__
+#: ``unpack_frame_head(data, offset)`` -> (length, CRC, LSN, record type, synced LSN) of the frame at ``offset``.
+unpack_frame_head = _frame_head.unpack_from
 
 Pairs = tuple[tuple[int, int], ...]
 
@@ -453,30 +460,51 @@ def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
 
 def decode_deliver(body: bytes, path: str | None = None, offset: int | None = None) -> Deliver:
     """Decode a DELIVER record body; :class:`CorruptionError` if its lengths disagree."""
-    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
-    if len(body) < fixed:
+    return decode_deliver_at(body, 0, len(body), path, offset)
+
+
+def decode_deliver_at(data: bytes, start: int, end: int, path: str | None = None, offset: int | None = None) -> Deliver:
+    """:func:`decode_deliver` of the body ``data[start:end]``, read in place (replay decodes a segment's frames so).
+
+    ``path`` and ``offset`` (of the frame) go into the :class:`CorruptionError`
+    raised when the record's lengths disagree.
+    """
+    if end - start < _DELIVER_FIXED_SIZE:
         raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
-    head = _message_head.unpack_from(body, 0)
-    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
-    if len(body) != fixed + blen + PAIR_SIZE * count:
+    msg_id, sender, conv, client_seq, ts_ms, priority, blen, count = _deliver_fixed.unpack_from(data, start)
+    body_start = start + _DELIVER_FIXED_SIZE
+    pairs_start = body_start + blen
+    if end != pairs_start + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    msg_id, sender, conv, client_seq, ts_ms, priority = head
-    return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], unpack_pairs(body, fixed + blen, count))
+    if count == 2:  # 1:1 messages, the common case: without the slicing and zipping
+        user_a, cursor_a, user_b, cursor_b = _two_pairs.unpack_from(data, pairs_start)
+        pairs: Pairs = ((user_a, cursor_a), (user_b, cursor_b))
+    else:
+        flat = iter(_pairs_struct(count).unpack_from(data, pairs_start))
+        pairs = tuple(zip(flat, flat))
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, a visible cost per record.
+    return _new_tuple(Deliver, (msg_id, sender, conv, client_seq, ts_ms, priority, bytes(data[body_start:pairs_start]), pairs))
 
 
 def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = None) -> Pairs:
-    """The (user id, cursor) pairs of a DELIVER record body, its lengths checked as :func:`decode_deliver` does.
+    """The (user id, cursor) pairs of a DELIVER record body, its lengths checked as :func:`decode_deliver` does."""
+    flat = iter(deliver_pairs_at(body, 0, len(body), path, offset))
+    return tuple(zip(flat, flat))
 
-    Replay validates every record's cursors before applying anything; this
-    reads only what that needs (no message, no copy of the body).
+
+def deliver_pairs_at(data: bytes, start: int, end: int, path: str | None = None, offset: int | None = None) -> tuple[int, ...]:
+    """The pairs of the DELIVER body ``data[start:end]``, flat (user id, cursor, user id, cursor, ...), lengths checked.
+
+    Replay checks every record's cursors before applying anything; this
+    reads only what that needs, in place (no message, no copy of the body).
     """
-    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
-    if len(body) < fixed:
+    if end - start < _DELIVER_FIXED_SIZE:
         raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
-    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
-    if len(body) != fixed + blen + PAIR_SIZE * count:
+    blen, count = _deliver_counts.unpack_from(data, start + MESSAGE_HEAD_SIZE)
+    pairs_start = start + _DELIVER_FIXED_SIZE + blen
+    if end != pairs_start + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    return unpack_pairs(body, fixed + blen, count)
+    return _pairs_struct(count).unpack_from(data, pairs_start)
 
 
 def encode_expire(record: Expire) -> bytes:

@@ -29,16 +29,17 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import _codec
-from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._codec import FRAME_HEAD_SIZE, FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
 from ._layout import DEFAULT_FILE_MODE, LOST_FOUND, create_file, permission_denied
 from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 
-__all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
+__all__ = ["WriteAheadLog", "FrameRun", "segment_name", "DEFAULT_SEGMENT_BYTES"]
 
 log = logging.getLogger("syncstore.wal")
 
@@ -59,6 +60,20 @@ def _is_segment_name(name: str) -> bool:
 
 def _segment_lsn(name: str) -> int:
     return int(name[len(_PREFIX) : len(_PREFIX) + 20])
+
+
+class FrameRun(NamedTuple):
+    """Frames ``first_lsn, first_lsn + 1, ...`` lying back to back in ``data[start:end]``, read from the segment ``path``.
+
+    Their CRCs and LSNs were verified by recovery; read each frame's header
+    with :func:`syncstore._codec.unpack_frame_head` (the next starts where it ends).
+    """
+
+    path: str
+    data: bytes
+    start: int
+    end: int
+    first_lsn: int
 
 
 @dataclass(slots=True)
@@ -186,6 +201,7 @@ class WriteAheadLog:
         sync_writes: bool = False,
         existing: bool = False,
         file_mode: int = DEFAULT_FILE_MODE,
+        inspect: Callable[[FrameRun], None] | None = None,
     ) -> WriteAheadLog:
         """Validate the log in ``directory`` without changing a byte; :meth:`start` then repairs it.
 
@@ -200,10 +216,15 @@ class WriteAheadLog:
         last segment and an incomplete segment left by a crash during rotation
         are noted for :meth:`start` to repair.  With ``sync_writes`` every
         :meth:`append` is durable on return (O_DSYNC).
+
+        ``inspect``, if given, is called with each segment's verified frames
+        from ``next_lsn`` on, in LSN order, while recovery holds them in
+        memory: the store checks the records it will replay there, in the
+        same pass over the log.  An exception it raises propagates as is.
         """
         wal = cls(directory, fs, segment_bytes, sync_writes, file_mode)
         try:
-            wal._recover(next_lsn, existing)
+            wal._recover(next_lsn, existing, inspect)
         except CorruptionError as error:
             # Whatever the damage, say what the state needs and what is there: the
             # operator restoring files needs both.
@@ -214,7 +235,7 @@ class WriteAheadLog:
             raise io_failure(error, "WAL recovery", directory) from error
         return wal
 
-    def _recover(self, next_lsn: int, existing: bool) -> None:
+    def _recover(self, next_lsn: int, existing: bool, inspect: Callable[[FrameRun], None] | None = None) -> None:
         # Validate only.  Repairs (removing a half-created segment, truncating a torn
         # tail) wait for start(), which the store calls once everything else -- the
         # records' continuity with the state included -- has validated too: an open
@@ -262,8 +283,11 @@ class WriteAheadLog:
                 raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
             segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
             self._found[name] = f"{name} (LSNs from {first_lsn}, damaged)"
-            self._scan(segment, data, is_last)
+            starts = self._scan(segment, data, is_last)
             self._segments.append(segment)
+            skip = max(0, next_lsn - first_lsn)  # frames the state already has
+            if inspect is not None and skip < len(starts):
+                inspect(FrameRun(path, data, starts[skip], segment.size, first_lsn + skip))
             self._found[name] = f"{name} (LSNs {first_lsn}..{segment.last_lsn})" if segment.last_lsn >= first_lsn else f"{name} (no frames)"
         if incomplete is not None:
             path, size, lsn = incomplete
@@ -559,6 +583,29 @@ class WriteAheadLog:
             return removed
 
     # --- reading ------------------------------------------------------------------
+
+    def runs(self, after_lsn: int) -> Iterator[FrameRun]:
+        """Every retained frame with LSN > ``after_lsn``, a segment at a time, read but not checked again.
+
+        Only for frames :meth:`recover` verified in this same open, with the
+        store locked (replay): the reader walks the frames itself and should
+        still check each LSN, which costs nothing and catches a file that
+        changed since recovery read it.
+        """
+        unpack = _codec.unpack_frame_head
+        for segment in list(self._segments):
+            if segment.last_lsn <= after_lsn:
+                continue
+            data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
+            offset, lsn = SEGMENT_HEADER_SIZE, segment.first_lsn
+            while lsn <= after_lsn:  # skip what the state already has
+                if offset + FRAME_HEAD_SIZE > len(data):
+                    raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=offset)
+                offset += FRAME_PREFIX_SIZE + unpack(data, offset)[0]
+                lsn += 1
+            if len(data) != segment.size or offset > segment.size:
+                raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=min(offset, len(data)))
+            yield FrameRun(segment.path, data, offset, segment.size, lsn)
 
     def frames(self, after_lsn: int, check_crc: bool = True) -> Iterator[Frame]:
         """Yield every retained frame with LSN > ``after_lsn``, in order, with CRCs checked.
