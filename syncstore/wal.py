@@ -45,6 +45,7 @@ log = logging.getLogger("syncstore.wal")
 
 DEFAULT_SEGMENT_BYTES = 16 << 20
 _LEAD = struct.Struct(FRAME_LEAD_FMT)
+_TAIL_BLOCK = 1 << 20  # recovery checks a segment's zero tail in blocks of this many bytes
 _PREFIX = "wal-"
 _SUFFIX = ".log"
 
@@ -168,6 +169,7 @@ class WriteAheadLog:
         self._listing: list[str] = []  # the WAL directory's entries, and what recovery found in each
         self._found: dict[str, str] = {}
         self._unsynced = True  # recovered frames may not be durable yet
+        self._kept: bytes | None = None  # the newest segment as recovery read it, for replay's runs()
 
     # --- opening and recovery -------------------------------------------------
 
@@ -259,10 +261,11 @@ class WriteAheadLog:
                 hint="move the named entries out of the WAL directory (or rename a segment back to wal-<first LSN:020d>.log), then open again",
             )
         incomplete = None
-        last_data = None  # the newest segment, read once
+        last_data, last_size = None, 0  # the newest segment, read once (up to its zero tail)
         if names:
             path = os.path.join(self.directory, names[-1])
-            data = last_data = self._fs.read_file(path)
+            data, last_size = self._read_last(path)
+            last_data = data
             if len(data) < SEGMENT_HEADER_SIZE or _codec.zeros_from(data, 0):
                 # A segment whose header never became durable: a crash while creating it -- or
                 # a segment that was cut or zeroed, which the checks below must tell apart.
@@ -274,7 +277,8 @@ class WriteAheadLog:
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
             data = last_data if is_last and last_data is not None else self._fs.read_file(path)
-            self._found[name] = f"{name} ({len(data)} bytes, bad header)"
+            size = last_size if is_last and last_data is not None else len(data)  # data may stop short of the zero tail
+            self._found[name] = f"{name} ({size} bytes, bad header)"
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
                 raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
@@ -283,8 +287,10 @@ class WriteAheadLog:
                 raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
             segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
             self._found[name] = f"{name} (LSNs from {first_lsn}, damaged)"
-            starts = self._scan(segment, data, is_last)
+            starts, data = self._scan(segment, data, is_last, size)
             self._segments.append(segment)
+            if is_last:
+                self._kept = data  # replay reads it next (runs())
             skip = max(0, next_lsn - first_lsn)  # frames the state already has
             if inspect is not None and skip < len(starts):
                 inspect(FrameRun(path, data, starts[skip], segment.size, first_lsn + skip))
@@ -352,17 +358,49 @@ class WriteAheadLog:
             self.close()
             raise io_failure(error, "WAL recovery", self.directory) from error
 
-    def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> list[int]:
-        """Verify the segment's frames; return their offsets (up to a torn tail, which is noted)."""
+    def _read_last(self, path: str) -> tuple[bytes, int]:
+        """The newest segment up to the end of its last block holding a non-zero byte, and the file's size.
+
+        What follows -- the preallocated, never written part: most of a
+        segment just created, and most of a large one -- is checked to be
+        zeros a block at a time, never held whole (reading a 256 MiB segment
+        into one buffer cost more than scanning its frames).  A file that is
+        all zeros (or shorter than a header) is read whole.  The blocks are
+        read with plain ``os`` calls, not through the file-system seam: they
+        only decide how much of the file ``read_file`` (the seam's) returns,
+        and the seam's callers count on one ``open`` of a segment.
+        """
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = end = os.fstat(fd).st_size
+            while end > 0:
+                start = (end - 1) // _TAIL_BLOCK * _TAIL_BLOCK
+                block = os.pread(fd, end - start, start)
+                if len(block) != end - start or not _codec.zeros_from(block, 0):
+                    break
+                end = start
+        finally:
+            os.close(fd)
+        return self._fs.read_file(path) if end == size or end < SEGMENT_HEADER_SIZE else self._fs.read_file(path, end), size
+
+    def _scan(self, segment: _Segment, data: bytes, is_last: bool, size: int) -> tuple[list[int], bytes]:
+        """Verify the segment's frames; return their offsets (up to a torn tail, which is noted) and the data read.
+
+        ``data`` may stop short of the file's ``size`` if the rest is zeros
+        (:meth:`_read_last`); anything but a clean end of the frames in it has
+        the whole file read and judged.
+        """
         starts, offset, wrong_lsn = _codec.scan_frames(data, SEGMENT_HEADER_SIZE, segment.first_lsn)
         expected = segment.first_lsn + len(starts)
         if offset < len(data) and (wrong_lsn or not _codec.zeros_from(data, offset)):
+            if len(data) < size:  # a frame may run into the zeros, a later one vouch from there: read it all
+                return self._scan(segment, self._fs.read_file(segment.path), is_last, size)
             self._bad_frame(segment, data, offset, expected, is_last, wrong_lsn)
-            return starts
+            return starts, data
         # Anything after the frames is preallocated, never written: the clean end of the log.
         segment.last_lsn = expected - 1
         segment.size = offset
-        return starts
+        return starts, data
 
     def _bad_frame(
         self, segment: _Segment, data: bytes, offset: int, expected: int, is_last: bool, wrong_lsn: bool
@@ -476,6 +514,7 @@ class WriteAheadLog:
         """
         with self._io_lock:
             self._check()
+            self._kept = None  # writing: recovery's copy of the segment is stale from now on
             current = self._segments[-1]
             if first_lsn != current.last_lsn + 1:
                 raise AssertionError(f"WAL append out of order: {first_lsn} after {current.last_lsn}")
@@ -593,17 +632,21 @@ class WriteAheadLog:
         changed since recovery read it.
         """
         unpack = _codec.unpack_frame_head
+        kept, self._kept = self._kept, None  # recovery's copy of the newest segment: used once
         for segment in list(self._segments):
             if segment.last_lsn <= after_lsn:
                 continue
-            data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
+            if kept is not None and segment is self._segments[-1] and len(kept) >= segment.size:
+                data = kept  # may hold more than the frames (zeros, a torn tail): the run ends at segment.size
+            else:
+                data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
             offset, lsn = SEGMENT_HEADER_SIZE, segment.first_lsn
             while lsn <= after_lsn:  # skip what the state already has
                 if offset + FRAME_HEAD_SIZE > len(data):
                     raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=offset)
                 offset += FRAME_PREFIX_SIZE + unpack(data, offset)[0]
                 lsn += 1
-            if len(data) != segment.size or offset > segment.size:
+            if len(data) < segment.size or offset > segment.size:
                 raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=min(offset, len(data)))
             yield FrameRun(segment.path, data, offset, segment.size, lsn)
 
