@@ -456,30 +456,21 @@ class _ReplayCheck:
 def _replay(path: str, wal: WriteAheadLog, state: State, applied: int) -> None:
     """Apply the WAL records after ``applied`` (checked by :class:`_ReplayCheck`) to LMDB, in batches.
 
-    Each record is decoded once, in place in its segment's data: a DELIVER
-    directly (the common case), any other type through ``_codec.decode_record``.
+    Each record is decoded once, in place in its segment's data
+    (``_codec.decode_frames``: a DELIVER directly, any other type through
+    ``_codec.decode_record``).
     """
-    unpack_head, decode_deliver = _codec.unpack_frame_head, _codec.decode_deliver_at
-    batch: list[_codec.Record] = []
-    add = batch.append
+    batch: list[_codec.Record] = []  # across segments: a transaction per _REPLAY_BATCH records
     last = applied
     for segment, data, offset, end, lsn in wal.runs(applied):  # LSNs are dense: the k-th has LSN applied + k
         while offset < end:
-            length, _crc, frame_lsn, rtype, _synced = unpack_head(data, offset)
-            frame_end = offset + FRAME_PREFIX_SIZE + length
-            if frame_lsn != lsn or frame_end > end:  # recovery verified it: the file changed since
-                raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment, offset=offset)
-            if rtype == RECORD_DELIVER:
-                add(decode_deliver(data, offset + FRAME_HEAD_SIZE, frame_end, segment, offset))
-            else:
-                add(_codec.decode_record(rtype, data[offset + FRAME_HEAD_SIZE : frame_end], lsn, segment, offset))
-            offset = frame_end
-            lsn += 1
+            records, offset = _codec.decode_frames(data, offset, end, lsn, _REPLAY_BATCH - len(batch), segment)
+            lsn += len(records)
+            batch += records
             if len(batch) >= _REPLAY_BATCH:
                 last += len(batch)
                 state.apply(batch, last)
                 batch = []
-                add = batch.append
     if batch:
         last += len(batch)
         state.apply(batch, last)
