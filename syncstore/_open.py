@@ -437,18 +437,17 @@ class _ReplayCheck:
             if rtype != RECORD_DELIVER:  # rare: an unknown type or bad lengths raise, naming the file and offset
                 _codec.decode_record(rtype, data[offset + FRAME_HEAD_SIZE : frame_end], lsn, path, offset)
             else:
-                flat = iter(pairs_at(data, offset + FRAME_HEAD_SIZE, frame_end, path, offset))
-                recipients = 0
-                for uid, cursor in zip(flat, flat):
+                flat = pairs_at(data, offset + FRAME_HEAD_SIZE, frame_end, path, offset)
+                if not flat:  # deliver() refuses an empty recipient list: no store of ours wrote this
+                    raise CorruptionError(f"WAL record {lsn} delivers to no recipient", path=path, offset=offset)
+                pairs = iter(flat)
+                for uid, cursor in zip(pairs, pairs):
                     head = heads.get(uid)
                     if head is None:
                         head = head_of(uid)
                     if cursor != head + 1:
                         raise CorruptionError(f"WAL record {lsn} gives user {uid} cursor {cursor}, but the user's head is {head}", path=path, offset=offset)
                     heads[uid] = cursor
-                    recipients += 1
-                if not recipients:  # deliver() refuses an empty recipient list: no store of ours wrote this
-                    raise CorruptionError(f"WAL record {lsn} delivers to no recipient", path=path, offset=offset)
             offset = frame_end
             lsn += 1
 

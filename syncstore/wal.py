@@ -394,7 +394,8 @@ class WriteAheadLog:
         expected = segment.first_lsn + len(starts)
         if offset < len(data) and (wrong_lsn or not _codec.zeros_from(data, offset)):
             if len(data) < size:  # a frame may run into the zeros, a later one vouch from there: read it all
-                return self._scan(segment, self._fs.read_file(segment.path), is_last, size)
+                whole = self._fs.read_file(segment.path)
+                return self._scan(segment, whole, is_last, len(whole))
             self._bad_frame(segment, data, offset, expected, is_last, wrong_lsn)
             return starts, data
         # Anything after the frames is preallocated, never written: the clean end of the log.
