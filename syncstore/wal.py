@@ -169,7 +169,7 @@ class WriteAheadLog:
         self._listing: list[str] = []  # the WAL directory's entries, and what recovery found in each
         self._found: dict[str, str] = {}
         self._unsynced = True  # recovered frames may not be durable yet
-        self._kept: bytes | None = None  # the newest segment as recovery read it, for replay's runs()
+        self._kept: tuple[str, bytes] | None = None  # (path, bytes) of the newest segment as recovery read it, for replay's runs()
 
     # --- opening and recovery -------------------------------------------------
 
@@ -290,7 +290,7 @@ class WriteAheadLog:
             starts, data = self._scan(segment, data, is_last, size)
             self._segments.append(segment)
             if is_last:
-                self._kept = data  # replay reads it next (runs())
+                self._kept = (path, data)  # replay reads it next (runs())
             skip = max(0, next_lsn - first_lsn)  # frames the state already has
             if inspect is not None and skip < len(starts):
                 inspect(FrameRun(path, data, starts[skip], segment.size, first_lsn + skip))
@@ -441,6 +441,7 @@ class WriteAheadLog:
         and the log is unchanged.
         """
         path = os.path.join(self.directory, segment_name(first_lsn))
+        self._kept = None  # a segment of this name may be made anew: recovery's copy is stale
         fd = create_file(self._fs, path, self._write_flags | os.O_TRUNC, self._file_mode)
         try:
             self._fs.pwrite(fd, _codec.encode_segment_header(first_lsn), 0)
@@ -637,8 +638,8 @@ class WriteAheadLog:
         for segment in list(self._segments):
             if segment.last_lsn <= after_lsn:
                 continue
-            if kept is not None and segment is self._segments[-1] and len(kept) >= segment.size:
-                data = kept  # may hold more than the frames (zeros, a torn tail): the run ends at segment.size
+            if kept is not None and kept[0] == segment.path and len(kept[1]) >= segment.size:
+                data = kept[1]  # may hold more than the frames (zeros, a torn tail): the run ends at segment.size
             else:
                 data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
             offset, lsn = SEGMENT_HEADER_SIZE, segment.first_lsn
