@@ -123,6 +123,9 @@ FRAME_LEAD_FMT = ">QBQ"  # LSN, record type, synced LSN: the start of every payl
 FRAME_LEAD_SIZE = 17
 assert struct.calcsize(FRAME_LEAD_FMT) == FRAME_LEAD_SIZE
 _SYNCED_OFFSET = 9  # of the synced LSN within the payload (after LSN and record type)
+FRAME_HEAD_FMT = ">IIQBQ"  # prefix and lead read at once: length, CRC, LSN, record type, synced LSN
+FRAME_HEAD_SIZE = FRAME_PREFIX_SIZE + FRAME_LEAD_SIZE  # also the smallest frame there is
+assert struct.calcsize(FRAME_HEAD_FMT) == FRAME_HEAD_SIZE
 #: A frame longer than this is garbage, not a record (bodies are capped far below).
 MAX_PAYLOAD = 1 << 30
 
@@ -163,6 +166,7 @@ _segment_header = struct.Struct(SEGMENT_HEADER_FMT)
 _crc = struct.Struct(CRC_FMT)
 _frame_prefix = struct.Struct(FRAME_PREFIX_FMT)
 _frame_lead = struct.Struct(FRAME_LEAD_FMT)
+_frame_head = struct.Struct(FRAME_HEAD_FMT)
 _message_head = struct.Struct(MESSAGE_HEAD_FMT)
 _deliver_counts = struct.Struct(DELIVER_COUNTS_FMT)
 _dedup_head = struct.Struct(DEDUP_HEAD_FMT)
@@ -175,6 +179,13 @@ _refs = struct.Struct(">I")  # the first field of a message value
 _inbox_entry = struct.Struct(INBOX_ENTRY_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
+_two_pairs = struct.Struct(">QQQQ")
+_DELIVER_FIXED_SIZE = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
+_deliver_fixed = struct.Struct(MESSAGE_HEAD_FMT + DELIVER_COUNTS_FMT[1:])  # head and counts: one read
+assert _deliver_fixed.size == _DELIVER_FIXED_SIZE
+_new_tuple = tuple.__new__
+#: ``unpack_frame_head(data, offset)`` -> (length, CRC, LSN, record type, synced LSN) of the frame at ``offset``.
+unpack_frame_head = _frame_head.unpack_from
 
 Pairs = tuple[tuple[int, int], ...]
 
@@ -327,6 +338,59 @@ def decode_frame(data: bytes | memoryview, offset: int, check_crc: bool = True) 
     return Frame(offset, end, lsn, rtype, bytes(data[start + FRAME_LEAD_SIZE : end]), synced)
 
 
+def scan_frames(data: bytes, offset: int, first_lsn: int) -> tuple[list[int], int, bool]:
+    """Verify the frames lying back to back in ``data`` from ``offset``: CRCs, and LSNs dense from ``first_lsn``.
+
+    Returns ``(starts, end, wrong_lsn)``: the offsets of the valid frames, in
+    order; the offset where they stop (``len(data)`` or the first byte that
+    does not start a valid frame with the next LSN -- preallocated zeros, a
+    torn tail or damage; the caller tells them apart); and whether the frame
+    there has a valid CRC but not the expected LSN.  The same checks as
+    :func:`decode_frame` at every offset, without building a frame: this is
+    recovery's pass over the whole log.
+    """
+    size = len(data)
+    starts: list[int] = []
+    add = starts.append
+    unpack = _frame_head.unpack_from
+    seeds: dict[int, int] = {}  # CRC-32C of each length word seen: frames of one size share it
+    expected = first_lsn
+    view = memoryview(data)
+    try:
+        while offset + FRAME_HEAD_SIZE <= size:
+            length, stored, lsn, _rtype, _synced = unpack(data, offset)
+            end = offset + FRAME_PREFIX_SIZE + length
+            if length < FRAME_LEAD_SIZE or length > MAX_PAYLOAD or end > size:
+                break
+            seed = seeds.get(length)
+            if seed is None:
+                seed = seeds[length] = crc32c(view[offset : offset + 4])
+            if crc32c(view[offset + FRAME_PREFIX_SIZE : end], seed) != stored:
+                break
+            if lsn != expected:
+                return starts, offset, True
+            add(offset)
+            offset = end
+            expected += 1
+    finally:
+        view.release()
+    return starts, offset, False
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def zeros_from(data: bytes, offset: int) -> bool:
+    """Whether every byte of ``data`` from ``offset`` on is zero (compared in blocks: no copy, no count)."""
+    zeros, size, block = memoryview(_ZEROS), len(data), len(_ZEROS)
+    while offset < size:
+        step = min(block, size - offset)
+        if not data.startswith(zeros[:step], offset):
+            return False
+        offset += step
+    return True
+
+
 # --- records ------------------------------------------------------------------
 
 
@@ -396,30 +460,93 @@ def encode_deliver_frame(lsn: int, synced: int, record: Deliver) -> bytes:
 
 def decode_deliver(body: bytes, path: str | None = None, offset: int | None = None) -> Deliver:
     """Decode a DELIVER record body; :class:`CorruptionError` if its lengths disagree."""
-    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
-    if len(body) < fixed:
+    return decode_deliver_at(body, 0, len(body), path, offset)
+
+
+def decode_deliver_at(data: bytes, start: int, end: int, path: str | None = None, offset: int | None = None) -> Deliver:
+    """:func:`decode_deliver` of the body ``data[start:end]``, read in place (replay decodes a segment's frames so).
+
+    ``path`` and ``offset`` (of the frame) go into the :class:`CorruptionError`
+    raised when the record's lengths disagree.
+    """
+    if end - start < _DELIVER_FIXED_SIZE:
         raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
-    head = _message_head.unpack_from(body, 0)
-    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
-    if len(body) != fixed + blen + PAIR_SIZE * count:
+    msg_id, sender, conv, client_seq, ts_ms, priority, blen, count = _deliver_fixed.unpack_from(data, start)
+    body_start = start + _DELIVER_FIXED_SIZE
+    pairs_start = body_start + blen
+    if end != pairs_start + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    msg_id, sender, conv, client_seq, ts_ms, priority = head
-    return Deliver(msg_id, sender, conv, client_seq, ts_ms, priority, body[fixed : fixed + blen], unpack_pairs(body, fixed + blen, count))
+    if count == 2:  # 1:1 messages, the common case: without the slicing and zipping
+        user_a, cursor_a, user_b, cursor_b = _two_pairs.unpack_from(data, pairs_start)
+        pairs: Pairs = ((user_a, cursor_a), (user_b, cursor_b))
+    else:
+        flat = iter(_pairs_struct(count).unpack_from(data, pairs_start))
+        pairs = tuple(zip(flat, flat))
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, a visible cost per record.
+    return _new_tuple(Deliver, (msg_id, sender, conv, client_seq, ts_ms, priority, bytes(data[body_start:pairs_start]), pairs))
+
+
+def decode_frames(data: bytes, offset: int, end: int, lsn: int, limit: int, path: str | None = None) -> tuple[list[Record], int]:
+    """Decode up to ``limit`` records of the frames lying back to back in ``data[offset:end]``, the first with LSN ``lsn``.
+
+    Returns the records and the offset after the last one decoded.  For
+    frames whose CRCs recovery has verified (replay): CRCs are not checked
+    again, but each frame's LSN and bounds are, and each record's lengths;
+    a :class:`CorruptionError` names ``path`` and the frame's offset.  DELIVER
+    records, nearly all of them, are decoded here in place (as
+    :func:`decode_deliver_at` does); any other type by :func:`decode_record`.
+    """
+    records: list[Record] = []
+    add = records.append
+    unpack_head, unpack_fixed, unpack_two = _frame_head.unpack_from, _deliver_fixed.unpack_from, _two_pairs.unpack_from
+    while offset < end and len(records) < limit:
+        if offset + FRAME_HEAD_SIZE > end:
+            raise CorruptionError(f"WAL frame {lsn} unreadable", path=path, offset=offset)
+        length, _crc, frame_lsn, rtype, _synced = unpack_head(data, offset)
+        start, frame_end = offset + FRAME_HEAD_SIZE, offset + FRAME_PREFIX_SIZE + length
+        if frame_lsn != lsn or frame_end > end or length < FRAME_LEAD_SIZE:
+            raise CorruptionError(f"WAL frame {lsn} unreadable", path=path, offset=offset)
+        if rtype != RECORD_DELIVER:
+            add(decode_record(rtype, bytes(data[start:frame_end]), lsn, path, offset))
+        elif frame_end - start < _DELIVER_FIXED_SIZE:
+            raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
+        else:
+            msg_id, sender, conv, client_seq, ts_ms, priority, blen, count = unpack_fixed(data, start)
+            body_start = start + _DELIVER_FIXED_SIZE
+            pairs_start = body_start + blen
+            if frame_end != pairs_start + PAIR_SIZE * count:
+                raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
+            if count == 2:  # 1:1 messages, the common case: without the slicing and zipping
+                user_a, cursor_a, user_b, cursor_b = unpack_two(data, pairs_start)
+                pairs: Pairs = ((user_a, cursor_a), (user_b, cursor_b))
+            else:
+                flat = iter(_pairs_struct(count).unpack_from(data, pairs_start))
+                pairs = tuple(zip(flat, flat))
+            add(_new_tuple(Deliver, (msg_id, sender, conv, client_seq, ts_ms, priority, bytes(data[body_start:pairs_start]), pairs)))
+        offset = frame_end
+        lsn += 1
+    return records, offset
 
 
 def deliver_pairs(body: bytes, path: str | None = None, offset: int | None = None) -> Pairs:
-    """The (user id, cursor) pairs of a DELIVER record body, its lengths checked as :func:`decode_deliver` does.
+    """The (user id, cursor) pairs of a DELIVER record body, its lengths checked as :func:`decode_deliver` does."""
+    flat = iter(deliver_pairs_at(body, 0, len(body), path, offset))
+    return tuple(zip(flat, flat))
 
-    Replay validates every record's cursors before applying anything; this
-    reads only what that needs (no message, no copy of the body).
+
+def deliver_pairs_at(data: bytes, start: int, end: int, path: str | None = None, offset: int | None = None) -> tuple[int, ...]:
+    """The pairs of the DELIVER body ``data[start:end]``, flat (user id, cursor, user id, cursor, ...), lengths checked.
+
+    Replay checks every record's cursors before applying anything; this
+    reads only what that needs, in place (no message, no copy of the body).
     """
-    fixed = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
-    if len(body) < fixed:
+    if end - start < _DELIVER_FIXED_SIZE:
         raise CorruptionError("DELIVER record is shorter than its fixed part", path=path, offset=offset)
-    blen, count = _deliver_counts.unpack_from(body, MESSAGE_HEAD_SIZE)
-    if len(body) != fixed + blen + PAIR_SIZE * count:
+    blen, count = _deliver_counts.unpack_from(data, start + MESSAGE_HEAD_SIZE)
+    pairs_start = start + _DELIVER_FIXED_SIZE + blen
+    if end != pairs_start + PAIR_SIZE * count:
         raise CorruptionError("DELIVER record lengths do not add up", path=path, offset=offset)
-    return unpack_pairs(body, fixed + blen, count)
+    return _pairs_struct(count).unpack_from(data, pairs_start)
 
 
 def encode_expire(record: Expire) -> bytes:
@@ -501,9 +628,16 @@ def dedup_fingerprint(conv: int, body: bytes) -> bytes:
 
 def fingerprint_of(conv_key: bytes, body: bytes) -> bytes:
     """:func:`dedup_fingerprint` with conv already packed (u64, big-endian): the apply loop has it."""
-    digest = hashlib.blake2b(conv_key, digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON)
+    digest = new_fingerprint()
+    digest.update(conv_key)
     digest.update(body)
     return digest.digest()
+
+
+#: ``new_fingerprint()``: a fresh hasher of :func:`dedup_fingerprint`; update it with conv
+#: (u64, big-endian), then the body.  A copy of a prepared one: setting up BLAKE2b's
+#: parameters (keyword arguments) per message cost more than hashing a short body.
+new_fingerprint = hashlib.blake2b(digest_size=FINGERPRINT_SIZE, person=_FINGERPRINT_PERSON).copy
 
 
 def encode_dedup(msg_id: int, fingerprint: bytes, pairs: Pairs) -> bytes:

@@ -18,14 +18,14 @@ import os
 from collections.abc import Callable
 
 from . import _bootstrap, _codec, _layout, _migrate
-from ._codec import RECORD_DELIVER, Record
+from ._codec import FRAME_HEAD_SIZE, FRAME_PREFIX_SIZE, RECORD_DELIVER
 from ._fileio import FileSystem
 from ._ids import MessageIds
 from ._layout import DEFAULT_FILE_MODE, Found, Marker
 from ._writer import Writer, _gc_paused
 from .errors import CorruptionError, InvalidArgument, LayoutError, StoreNotFound
 from .state import STATE_FORMAT, State, state_dir
-from .wal import WriteAheadLog, segment_name
+from .wal import FrameRun, WriteAheadLog, segment_name
 
 __all__ = ["Opened", "open_writable", "open_view"]
 
@@ -207,18 +207,21 @@ def _open_existing(
             raise InvalidArgument(
                 f"this store was created with replica_id {recorded}, not {replica_id}", key="replica_id", hint=f"open it with replica_id={recorded}"
             )
-        wal = opened.wal = WriteAheadLog.recover(
-            wal_dir,
-            next_lsn=(bootstrap[0] if bootstrap is not None and bootstrap[2] == _bootstrap.COMPLETE else applied) + 1,
-            fs=fs,
-            segment_bytes=segment_bytes,
-            sync_writes=durability == "sync",
-            # An initialised state needs its log: missing evidence is corruption (but a finished bootstrap's was just emptied).
-            existing=probe is not None and (bootstrap is None or bootstrap[2] != _bootstrap.COMPLETE),
-            file_mode=file_mode,
-        )
-        with _gc_paused:  # replay builds many records: keep the collector out
-            _check_replay(wal, probe, applied)
+        # One pass over the log: recovery verifies each segment's frames, and the records
+        # replay will apply are checked there too (_ReplayCheck), while the segment is in memory.
+        with _gc_paused, _ReplayCheck(probe) as check:  # the check keeps a head per user: keep the collector out
+            wal = opened.wal = WriteAheadLog.recover(
+                wal_dir,
+                next_lsn=(bootstrap[0] if bootstrap is not None and bootstrap[2] == _bootstrap.COMPLETE else applied) + 1,
+                fs=fs,
+                segment_bytes=segment_bytes,
+                sync_writes=durability == "sync",
+                # An initialised state needs its log: missing evidence is corruption (but a finished bootstrap's was just emptied).
+                existing=probe is not None and (bootstrap is None or bootstrap[2] != _bootstrap.COMPLETE),
+                file_mode=file_mode,
+                inspect=check,
+            )
+            check.raise_first()  # after recovery's own verdict, which comes first
     finally:
         if probe is not None:
             probe.close()
@@ -381,59 +384,94 @@ def open_view(path: str, opened: Opened, *, map_size: int, max_readers: int, fs:
     opened.epoch = marker.epoch
 
 
-def _check_replay(wal: WriteAheadLog, probe: State | None, applied: int) -> None:
-    """Check that every WAL record after ``applied`` continues the state; apply nothing.
+class _ReplayCheck:
+    """The replay rule, checked on every WAL record after the applied LSN before anything is applied.
 
-    A CRC-valid record of an unknown type, with no recipient, or whose
-    cursors do not densely continue its recipients' heads cannot have
-    been written by this store: it is reported as corruption (file and
-    offset).  Only the pairs are decoded here (``_codec.deliver_pairs``);
-    :func:`_replay` decodes each record once, when it applies it.
+    A CRC-valid record of an unknown type, with no recipient (a DELIVER),
+    with lengths that do not add up, or whose cursors do not densely
+    continue its recipients' heads (the LMDB heads, then the records before
+    it) cannot have been written by this store: it is corruption, reported
+    with its file and frame offset.  Called by :meth:`WriteAheadLog.recover`
+    with each segment's verified frames (``inspect``), so the log is read
+    once for both; only the pairs of each record are decoded here, the rest
+    when :func:`_replay` applies it.  The first violation is kept and raised
+    by :meth:`raise_first` once recovery has finished: recovery's own errors
+    (a gap, missing evidence) take precedence, as they did when this was a
+    second pass.
     """
-    heads: dict[int, int] = {}  # users' heads as of the records checked so far
-    txn = probe.env.begin() if probe is not None else None  # lock-free, and no writer runs
-    head_of = probe.head_reader(txn) if probe is not None and txn is not None else (lambda uid: 0)
-    try:
-        for frame in wal.frames(applied, check_crc=False):  # recover() has just verified every CRC
-            if frame.rtype != RECORD_DELIVER:
-                _decode_record(frame, wal)  # raises on an unknown type or bad lengths, naming the file and offset
-                continue
-            pairs = _codec.deliver_pairs(frame.body, wal.segment_of(frame.lsn), frame.offset)
-            if not pairs:  # deliver() refuses an empty recipient list: no store of ours wrote this
-                raise CorruptionError(f"WAL record {frame.lsn} delivers to no recipient", path=wal.segment_of(frame.lsn), offset=frame.offset)
-            for uid, cursor in pairs:
-                head = heads[uid] if uid in heads else head_of(uid)
-                if cursor != head + 1:
-                    raise CorruptionError(
-                        f"WAL record {frame.lsn} gives user {uid} cursor {cursor}, but the user's head is {head}",
-                        path=wal.segment_of(frame.lsn),
-                        offset=frame.offset,
-                    )
-                heads[uid] = cursor
-    finally:
-        if txn is not None:
-            txn.abort()
+
+    def __init__(self, probe: State | None) -> None:
+        self.heads: dict[int, int] = {}  # users' heads as of the records checked so far
+        self.error: CorruptionError | None = None
+        # The probe is lock-free and no writer runs: one read transaction for all head lookups.
+        self._txn = probe.env.begin() if probe is not None else None
+        self._head_of = probe.head_reader(self._txn) if probe is not None and self._txn is not None else (lambda uid: 0)
+
+    def __enter__(self) -> _ReplayCheck:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+
+    def raise_first(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __call__(self, run: FrameRun) -> None:
+        if self.error is not None:
+            return  # the first violation is the one to report
+        try:
+            self._check(run)
+        except CorruptionError as error:
+            self.error = error
+
+    def _check(self, run: FrameRun) -> None:
+        path, data, offset, end, lsn = run
+        heads, head_of = self.heads, self._head_of
+        unpack_head, pairs_at = _codec.unpack_frame_head, _codec.deliver_pairs_at
+        while offset < end:
+            length, _crc, _lsn, rtype, _synced = unpack_head(data, offset)
+            frame_end = offset + FRAME_PREFIX_SIZE + length
+            if rtype != RECORD_DELIVER:  # rare: an unknown type or bad lengths raise, naming the file and offset
+                _codec.decode_record(rtype, data[offset + FRAME_HEAD_SIZE : frame_end], lsn, path, offset)
+            else:
+                flat = pairs_at(data, offset + FRAME_HEAD_SIZE, frame_end, path, offset)
+                if not flat:  # deliver() refuses an empty recipient list: no store of ours wrote this
+                    raise CorruptionError(f"WAL record {lsn} delivers to no recipient", path=path, offset=offset)
+                pairs = iter(flat)
+                for uid, cursor in zip(pairs, pairs):
+                    head = heads.get(uid)
+                    if head is None:
+                        head = head_of(uid)
+                    if cursor != head + 1:
+                        raise CorruptionError(f"WAL record {lsn} gives user {uid} cursor {cursor}, but the user's head is {head}", path=path, offset=offset)
+                    heads[uid] = cursor
+            offset = frame_end
+            lsn += 1
 
 
 def _replay(path: str, wal: WriteAheadLog, state: State, applied: int) -> None:
-    """Apply the WAL records after ``applied`` (checked by :func:`_check_replay`) to LMDB, in batches."""
-    decode, decode_any = _codec.decode_deliver, _codec.decode_record
-    batch: list[Record] = []
+    """Apply the WAL records after ``applied`` (checked by :class:`_ReplayCheck`) to LMDB, in batches.
+
+    Each record is decoded once, in place in its segment's data
+    (``_codec.decode_frames``: a DELIVER directly, any other type through
+    ``_codec.decode_record``).
+    """
+    batch: list[_codec.Record] = []  # across segments: a transaction per _REPLAY_BATCH records
     last = applied
-    for frame in wal.frames(applied, check_crc=False):  # LSNs are dense: the k-th has LSN applied + k
-        # Lengths already checked by _check_replay.
-        batch.append(decode(frame.body) if frame.rtype == RECORD_DELIVER else decode_any(frame.rtype, frame.body))
-        if len(batch) >= _REPLAY_BATCH:
-            last += len(batch)
-            state.apply(batch, last)
-            batch = []
+    for segment, data, offset, end, lsn in wal.runs(applied):  # LSNs are dense: the k-th has LSN applied + k
+        while offset < end:
+            records, offset = _codec.decode_frames(data, offset, end, lsn, _REPLAY_BATCH - len(batch), segment)
+            lsn += len(records)
+            batch += records
+            if len(batch) >= _REPLAY_BATCH:
+                last += len(batch)
+                state.apply(batch, last)
+                batch = []
     if batch:
         last += len(batch)
         state.apply(batch, last)
     if last != applied:
         log.info("replayed WAL records %d..%d into %s", applied + 1, last, path)
-
-
-def _decode_record(frame: _codec.Frame, wal: WriteAheadLog) -> Record:
-    """The record in ``frame``; errors (unknown type, bad lengths) name the segment file and the frame's offset."""
-    return _codec.decode_record(frame.rtype, frame.body, frame.lsn, wal.segment_of(frame.lsn), frame.offset)

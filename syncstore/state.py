@@ -637,12 +637,17 @@ class State:
         # Never for dedup: a batch may hold two deliveries of one key (the first expired), and an
         # append refuses -- skips -- the second, where an insert replaces the first with it.
         append = dup or (not replace and (not cursor.last() or bytes(cursor.key()) < items[0][0]))
-        added = 0
-        for start in range(0, len(items), _PUT_SLICE):
-            added += cursor.putmulti(items[start : start + _PUT_SLICE], dupdata=dup, overwrite=dup or replace, append=append)[1]
-            # putmulti holds the GIL; yield between slices so the group-commit
-            # flusher never waits the 5 ms switch interval behind the applier.
-            time.sleep(0)
+        if threading.active_count() == 1:  # no other thread to let in (replay on open, in a single-threaded program)
+            added = cursor.putmulti(items, dupdata=dup, overwrite=dup or replace, append=append)[1]
+        else:
+            added = 0
+            for start in range(0, len(items), _PUT_SLICE):
+                added += cursor.putmulti(items[start : start + _PUT_SLICE], dupdata=dup, overwrite=dup or replace, append=append)[1]
+                # putmulti holds the GIL; yield between slices so the group-commit
+                # flusher never waits the 5 ms switch interval behind the applier.
+                # (The yield is a system call that also lets other processes run: it
+                # was a tenth of replay's wall time, where no thread waits.)
+                time.sleep(0)
         if added != len(items) and name in _MUST_ADD:
             raise CorruptionError(
                 f"{len(items) - added} of {len(items)} {name} items were already present or out of order: the LMDB state and the WAL disagree",
@@ -744,11 +749,13 @@ def _encode_batch(records: Sequence[Deliver]) -> tuple[list[list[tuple[bytes, by
     is one ``messages`` item whatever its fan-out; each recipient adds a
     16-byte inbox entry and an 8-byte history entry.  The formats are
     ``_codec``'s (message value, inbox entry, dedup value), written out here
-    with the packed keys reused: this loop is most of apply's and replay's
-    CPU time.  tests/test_codec.py checks it against the codec's encoders.
+    with the packed keys reused (the dedup value's pairs are the packed user
+    ids and cursors of the inbox entries): this loop is most of apply's and
+    replay's CPU time.  tests/test_codec.py checks it against the codec's
+    encoders.
     """
-    pack, pack_head, pack_dedup_head, pack_pairs = _u64.pack, _codec.pack_stored_head, _codec.pack_dedup_head, _codec.pack_pairs
-    pack_pair, pack_triple, fingerprint = _pair.pack, _triple.pack, _codec.fingerprint_of
+    pack, pack_head, pack_dedup_head = _u64.pack, _codec.pack_stored_head, _codec.pack_dedup_head
+    pack_pair, pack_triple, new_fingerprint, join = _pair.pack, _triple.pack, _codec.new_fingerprint, b"".join
     messages: list[tuple[bytes, bytes]] = []
     inbox: list[tuple[bytes, bytes]] = []
     history: list[tuple[bytes, bytes]] = []
@@ -757,13 +764,20 @@ def _encode_batch(records: Sequence[Deliver]) -> tuple[list[list[tuple[bytes, by
     add_message, add_entry, add_history, add_dedup, add_expiry = messages.append, inbox.append, history.append, dedup.append, expiry.append
     last_id = 0
     for msg_id, sender, conv, client_seq, ts_ms, priority, body, pairs in records:
-        mid, conv_key = pack(msg_id), pack(conv)
-        add_message((mid, pack_head(len(pairs), sender, conv, client_seq, ts_ms, priority) + body))
+        mid, conv_key, count = pack(msg_id), pack(conv), len(pairs)
+        add_message((mid, pack_head(count, sender, conv, client_seq, ts_ms, priority) + body))
+        fingerprint = new_fingerprint()
+        fingerprint.update(conv_key)
+        fingerprint.update(body)
+        dedup_value = [pack_dedup_head(msg_id, fingerprint.digest(), count)]  # then the pairs
+        add_part = dedup_value.append
         for uid, cursor in pairs:
             user, at = pack(uid), pack(cursor)
             add_entry((user, at + mid))  # cursor | msg_id
             add_history((user + conv_key, at))  # key user | conv
-        add_dedup((pack_pair(sender, client_seq), pack_dedup_head(msg_id, fingerprint(conv_key, body), len(pairs)) + pack_pairs(pairs)))
+            add_part(user)
+            add_part(at)
+        add_dedup((pack_pair(sender, client_seq), join(dedup_value)))
         add_expiry((pack_triple(msg_id_ms(msg_id), sender, client_seq), b""))
         if msg_id > last_id:
             last_id = msg_id

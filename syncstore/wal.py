@@ -29,21 +29,23 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import _codec
-from ._codec import FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
+from ._codec import FRAME_HEAD_SIZE, FRAME_LEAD_FMT, FRAME_LEAD_SIZE, FRAME_PREFIX_SIZE, SEGMENT_HEADER_SIZE, Frame
 from ._fileio import OS_FS, FileSystem
 from ._layout import DEFAULT_FILE_MODE, LOST_FOUND, create_file, permission_denied
 from .errors import CorruptionError, DurabilityError, StoreFull, SyncStoreError
 
-__all__ = ["WriteAheadLog", "segment_name", "DEFAULT_SEGMENT_BYTES"]
+__all__ = ["WriteAheadLog", "FrameRun", "segment_name", "DEFAULT_SEGMENT_BYTES"]
 
 log = logging.getLogger("syncstore.wal")
 
 DEFAULT_SEGMENT_BYTES = 16 << 20
 _LEAD = struct.Struct(FRAME_LEAD_FMT)
+_TAIL_BLOCK = 1 << 20  # recovery checks a segment's zero tail in blocks of this many bytes
 _PREFIX = "wal-"
 _SUFFIX = ".log"
 
@@ -59,6 +61,20 @@ def _is_segment_name(name: str) -> bool:
 
 def _segment_lsn(name: str) -> int:
     return int(name[len(_PREFIX) : len(_PREFIX) + 20])
+
+
+class FrameRun(NamedTuple):
+    """Frames ``first_lsn, first_lsn + 1, ...`` lying back to back in ``data[start:end]``, read from the segment ``path``.
+
+    Their CRCs and LSNs were verified by recovery; read each frame's header
+    with :func:`syncstore._codec.unpack_frame_head` (the next starts where it ends).
+    """
+
+    path: str
+    data: bytes
+    start: int
+    end: int
+    first_lsn: int
 
 
 @dataclass(slots=True)
@@ -153,6 +169,7 @@ class WriteAheadLog:
         self._listing: list[str] = []  # the WAL directory's entries, and what recovery found in each
         self._found: dict[str, str] = {}
         self._unsynced = True  # recovered frames may not be durable yet
+        self._kept: tuple[str, bytes] | None = None  # (path, bytes) of the newest segment as recovery read it, for replay's runs()
 
     # --- opening and recovery -------------------------------------------------
 
@@ -186,6 +203,7 @@ class WriteAheadLog:
         sync_writes: bool = False,
         existing: bool = False,
         file_mode: int = DEFAULT_FILE_MODE,
+        inspect: Callable[[FrameRun], None] | None = None,
     ) -> WriteAheadLog:
         """Validate the log in ``directory`` without changing a byte; :meth:`start` then repairs it.
 
@@ -200,10 +218,15 @@ class WriteAheadLog:
         last segment and an incomplete segment left by a crash during rotation
         are noted for :meth:`start` to repair.  With ``sync_writes`` every
         :meth:`append` is durable on return (O_DSYNC).
+
+        ``inspect``, if given, is called with each segment's verified frames
+        from ``next_lsn`` on, in LSN order, while recovery holds them in
+        memory: the store checks the records it will replay there, in the
+        same pass over the log.  An exception it raises propagates as is.
         """
         wal = cls(directory, fs, segment_bytes, sync_writes, file_mode)
         try:
-            wal._recover(next_lsn, existing)
+            wal._recover(next_lsn, existing, inspect)
         except CorruptionError as error:
             # Whatever the damage, say what the state needs and what is there: the
             # operator restoring files needs both.
@@ -214,7 +237,7 @@ class WriteAheadLog:
             raise io_failure(error, "WAL recovery", directory) from error
         return wal
 
-    def _recover(self, next_lsn: int, existing: bool) -> None:
+    def _recover(self, next_lsn: int, existing: bool, inspect: Callable[[FrameRun], None] | None = None) -> None:
         # Validate only.  Repairs (removing a half-created segment, truncating a torn
         # tail) wait for start(), which the store calls once everything else -- the
         # records' continuity with the state included -- has validated too: an open
@@ -238,11 +261,12 @@ class WriteAheadLog:
                 hint="move the named entries out of the WAL directory (or rename a segment back to wal-<first LSN:020d>.log), then open again",
             )
         incomplete = None
-        last_data = None  # the newest segment, read once
+        last_data, last_size = None, 0  # the newest segment, read once (up to its zero tail)
         if names:
             path = os.path.join(self.directory, names[-1])
-            data = last_data = self._fs.read_file(path)
-            if len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data):
+            data, last_size = self._read_last(path)
+            last_data = data
+            if len(data) < SEGMENT_HEADER_SIZE or _codec.zeros_from(data, 0):
                 # A segment whose header never became durable: a crash while creating it -- or
                 # a segment that was cut or zeroed, which the checks below must tell apart.
                 incomplete = (path, len(data), _segment_lsn(names[-1]))
@@ -253,7 +277,8 @@ class WriteAheadLog:
             path = os.path.join(self.directory, name)
             is_last = index == len(names) - 1
             data = last_data if is_last and last_data is not None else self._fs.read_file(path)
-            self._found[name] = f"{name} ({len(data)} bytes, bad header)"
+            size = last_size if is_last and last_data is not None else len(data)  # data may stop short of the zero tail
+            self._found[name] = f"{name} ({size} bytes, bad header)"
             first_lsn = _codec.decode_segment_header(data, path)
             if name != segment_name(first_lsn):
                 raise CorruptionError(f"WAL segment header says first LSN {first_lsn}", path=path, offset=12)
@@ -262,8 +287,13 @@ class WriteAheadLog:
                 raise CorruptionError(f"WAL gap: expected a segment starting at LSN {expected}", path=path, offset=12)
             segment = _Segment(path, first_lsn, first_lsn - 1, SEGMENT_HEADER_SIZE)
             self._found[name] = f"{name} (LSNs from {first_lsn}, damaged)"
-            self._scan(segment, data, is_last)
+            starts, data = self._scan(segment, data, is_last, size)
             self._segments.append(segment)
+            if is_last:
+                self._kept = (path, data)  # replay reads it next (runs())
+            skip = max(0, next_lsn - first_lsn)  # frames the state already has
+            if inspect is not None and skip < len(starts):
+                inspect(FrameRun(path, data, starts[skip], segment.size, first_lsn + skip))
             self._found[name] = f"{name} (LSNs {first_lsn}..{segment.last_lsn})" if segment.last_lsn >= first_lsn else f"{name} (no frames)"
         if incomplete is not None:
             path, size, lsn = incomplete
@@ -328,21 +358,50 @@ class WriteAheadLog:
             self.close()
             raise io_failure(error, "WAL recovery", self.directory) from error
 
-    def _scan(self, segment: _Segment, data: bytes, is_last: bool) -> None:
-        offset = SEGMENT_HEADER_SIZE
-        expected = segment.first_lsn
-        decode = _codec.decode_frame
-        while offset < len(data):
-            frame = decode(data, offset)
-            if frame is None or frame.lsn != expected:
-                if data.count(0, offset) == len(data) - offset:
-                    break  # preallocated, never written: the clean end of the log
-                self._bad_frame(segment, data, offset, expected, is_last, frame is not None)
-                return
-            offset = frame.end
-            expected += 1
+    def _read_last(self, path: str) -> tuple[bytes, int]:
+        """The newest segment up to the end of its last block holding a non-zero byte, and the file's size.
+
+        What follows -- the preallocated, never written part: most of a
+        segment just created, and most of a large one -- is checked to be
+        zeros a block at a time, never held whole (reading a 256 MiB segment
+        into one buffer cost more than scanning its frames).  A file that is
+        all zeros (or shorter than a header) is read whole.  The blocks are
+        read with plain ``os`` calls, not through the file-system seam: they
+        only decide how much of the file ``read_file`` (the seam's) returns,
+        and the seam's callers count on one ``open`` of a segment.
+        """
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = end = os.fstat(fd).st_size
+            while end > 0:
+                start = (end - 1) // _TAIL_BLOCK * _TAIL_BLOCK
+                block = os.pread(fd, end - start, start)
+                if len(block) != end - start or not _codec.zeros_from(block, 0):
+                    break
+                end = start
+        finally:
+            os.close(fd)
+        return self._fs.read_file(path) if end == size or end < SEGMENT_HEADER_SIZE else self._fs.read_file(path, end), size
+
+    def _scan(self, segment: _Segment, data: bytes, is_last: bool, size: int) -> tuple[list[int], bytes]:
+        """Verify the segment's frames; return their offsets (up to a torn tail, which is noted) and the data read.
+
+        ``data`` may stop short of the file's ``size`` if the rest is zeros
+        (:meth:`_read_last`); anything but a clean end of the frames in it has
+        the whole file read and judged.
+        """
+        starts, offset, wrong_lsn = _codec.scan_frames(data, SEGMENT_HEADER_SIZE, segment.first_lsn)
+        expected = segment.first_lsn + len(starts)
+        if offset < len(data) and (wrong_lsn or not _codec.zeros_from(data, offset)):
+            if len(data) < size:  # a frame may run into the zeros, a later one vouch from there: read it all
+                whole = self._fs.read_file(segment.path)
+                return self._scan(segment, whole, is_last, len(whole))
+            self._bad_frame(segment, data, offset, expected, is_last, wrong_lsn)
+            return starts, data
+        # Anything after the frames is preallocated, never written: the clean end of the log.
         segment.last_lsn = expected - 1
         segment.size = offset
+        return starts, data
 
     def _bad_frame(
         self, segment: _Segment, data: bytes, offset: int, expected: int, is_last: bool, wrong_lsn: bool
@@ -382,6 +441,7 @@ class WriteAheadLog:
         and the log is unchanged.
         """
         path = os.path.join(self.directory, segment_name(first_lsn))
+        self._kept = None  # a segment of this name may be made anew: recovery's copy is stale
         fd = create_file(self._fs, path, self._write_flags | os.O_TRUNC, self._file_mode)
         try:
             self._fs.pwrite(fd, _codec.encode_segment_header(first_lsn), 0)
@@ -456,6 +516,7 @@ class WriteAheadLog:
         """
         with self._io_lock:
             self._check()
+            self._kept = None  # writing: recovery's copy of the segment is stale from now on
             current = self._segments[-1]
             if first_lsn != current.last_lsn + 1:
                 raise AssertionError(f"WAL append out of order: {first_lsn} after {current.last_lsn}")
@@ -563,6 +624,33 @@ class WriteAheadLog:
             return removed
 
     # --- reading ------------------------------------------------------------------
+
+    def runs(self, after_lsn: int) -> Iterator[FrameRun]:
+        """Every retained frame with LSN > ``after_lsn``, a segment at a time, read but not checked again.
+
+        Only for frames :meth:`recover` verified in this same open, with the
+        store locked (replay): the reader walks the frames itself and should
+        still check each LSN, which costs nothing and catches a file that
+        changed since recovery read it.
+        """
+        unpack = _codec.unpack_frame_head
+        kept, self._kept = self._kept, None  # recovery's copy of the newest segment: used once
+        for segment in list(self._segments):
+            if segment.last_lsn <= after_lsn:
+                continue
+            if kept is not None and kept[0] == segment.path and len(kept[1]) >= segment.size:
+                data = kept[1]  # may hold more than the frames (zeros, a torn tail): the run ends at segment.size
+            else:
+                data = self._fs.read_file(segment.path, segment.size)  # its frames, not the preallocated rest
+            offset, lsn = SEGMENT_HEADER_SIZE, segment.first_lsn
+            while lsn <= after_lsn:  # skip what the state already has
+                if offset + FRAME_HEAD_SIZE > len(data):
+                    raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=offset)
+                offset += FRAME_PREFIX_SIZE + unpack(data, offset)[0]
+                lsn += 1
+            if len(data) < segment.size or offset > segment.size:
+                raise CorruptionError(f"WAL frame {lsn} unreadable", path=segment.path, offset=min(offset, len(data)))
+            yield FrameRun(segment.path, data, offset, segment.size, lsn)
 
     def frames(self, after_lsn: int, check_crc: bool = True) -> Iterator[Frame]:
         """Yield every retained frame with LSN > ``after_lsn``, in order, with CRCs checked.
