@@ -389,16 +389,8 @@ class ChangeLog:
 
     def _iterate(self, reader: LogReader, since: int, limit: int | None, follow_: bool, timeout: float | None) -> Iterator[Change]:
         try:
-            if not follow_:
-                position, left = since, limit
-                while left is None or left > 0:
-                    batch = self._read(reader, position, _FOLLOW_BATCH if left is None else min(left, _FOLLOW_BATCH))
-                    if not batch:
-                        return
-                    yield from batch
-                    position = batch[-1].lsn
-                    if left is not None:
-                        left -= len(batch)
+            if not follow_:  # the same loop, with nothing to wait for
+                yield from follow(functools.partial(self._read, reader), lambda _after, _remaining: False, since, limit, None, self._monotonic)
                 return
             watchers = self._watchers()
             event = watchers.watch_log() if watchers is not None else None
