@@ -29,7 +29,7 @@ from ._restore import _apply_rows
 from ._snapformat import DB_NAMES, DUP_DBS
 from .errors import InvalidArgument
 from .model import SnapshotChunk
-from .state import _APPLIED, _LAST_ID, State
+from .state import APPLIED_KEY, LAST_ID_KEY, State
 
 __all__ = ["progress", "apply_chunk", "finish", "wipe", "Progress"]
 
@@ -78,7 +78,7 @@ def apply_chunk(state: State, chunk: SnapshotChunk) -> None:
             )
         _apply_rows(txn, dbs, dup_ids, list(chunk.rows))
         if chunk.final and chunk.last_msg_id is not None:
-            txn.put(_LAST_ID, pack_u64(chunk.last_msg_id), db=state.meta)
+            txn.put(LAST_ID_KEY, pack_u64(chunk.last_msg_id), db=state.meta)
         txn.put(BOOTSTRAP_KEY, _progress.pack(chunk.snapshot_lsn, chunk.index + 1, COMPLETE if chunk.final else IN_PROGRESS), db=state.meta)
 
     state._write(write)
@@ -89,7 +89,7 @@ def finish(state: State, snapshot_lsn: int) -> None:
 
     def write(txn: lmdb.Transaction) -> None:
         if snapshot_lsn:
-            txn.put(_APPLIED, pack_u64(snapshot_lsn), db=state.meta)
+            txn.put(APPLIED_KEY, pack_u64(snapshot_lsn), db=state.meta)
         txn.delete(BOOTSTRAP_KEY, db=state.meta)
 
     state._write(write)
@@ -105,5 +105,5 @@ def wipe(state: State) -> None:
 def _wipe(state: State, txn: lmdb.Transaction) -> None:
     for name in DB_NAMES.values():
         txn.drop(getattr(state, name), delete=False)
-    txn.delete(_LAST_ID, db=state.meta)
+    txn.delete(LAST_ID_KEY, db=state.meta)
     txn.delete(BOOTSTRAP_KEY, db=state.meta)

@@ -179,6 +179,10 @@ _refs = struct.Struct(">I")  # the first field of a message value
 _inbox_entry = struct.Struct(INBOX_ENTRY_FMT)
 _u64 = struct.Struct(">Q")
 _pair = struct.Struct(">QQ")
+#: LMDB keys of two or three u64s: ``history`` (user | conv) and ``dedup`` (sender | client_seq)
+#: keys, and ``dedup_expiry`` keys (first-delivery ms | sender | client_seq); state.py's layout.
+PAIR_KEY = _pair
+EXPIRY_KEY = struct.Struct(">QQQ")
 _two_pairs = struct.Struct(">QQQQ")
 _DELIVER_FIXED_SIZE = MESSAGE_HEAD_SIZE + DELIVER_COUNTS_SIZE
 _deliver_fixed = struct.Struct(MESSAGE_HEAD_FMT + DELIVER_COUNTS_FMT[1:])  # head and counts: one read

@@ -36,7 +36,7 @@ from ._layout import DEFAULT_FILE_MODE, Marker
 from ._snapdir import SnapshotInfo, entry_path, io_error, read_blocks, read_manifest
 from ._snapformat import DB_NAMES, DELETE, DUP_DBS, ChainEntry, Manifest, Row
 from .errors import InvalidArgument, LayoutError, StoreFull, StoreNotFound, SyncStoreError
-from .state import _APPLIED, _LAST_ID, State
+from .state import APPLIED_KEY, LAST_ID_KEY, State
 from .wal import WriteAheadLog
 
 __all__ = ["restore"]
@@ -200,9 +200,9 @@ def _fill(state: State, files: Iterable[tuple[str, ChainEntry]], manifest: Manif
                     txn.commit()
                     txn, pending = env.begin(write=True), 0
         if last.lsn:  # a store that never applied a record has no applied_lsn key (it reads as 0)
-            txn.put(_APPLIED, pack_u64(last.lsn), db=state.meta)
+            txn.put(APPLIED_KEY, pack_u64(last.lsn), db=state.meta)
         if last.last_msg_id is not None:  # msg_id 0 exists; None: the source had applied no message
-            txn.put(_LAST_ID, pack_u64(last.last_msg_id), db=state.meta)
+            txn.put(LAST_ID_KEY, pack_u64(last.last_msg_id), db=state.meta)
         txn.commit()
     except lmdb.MapFullError as error:
         txn.abort()

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from .state import State
 
 _u64 = struct.Struct(">Q")
-_pair = struct.Struct(">QQ")
-_triple = struct.Struct(">QQQ")
 
 
 def check(state: State, txn: lmdb.Transaction, wal_end_lsn: int) -> dict[str, int]:
@@ -80,7 +78,7 @@ def _check_inboxes(state: State, txn: lmdb.Transaction) -> tuple[int, Counter[in
         if len(value) < STORED_HEAD_SIZE:
             raise CorruptionError(f"message {msg_id} is truncated", path=path, key=msg_id)
         conv = unpack_stored_head(value)[2]
-        if not history.set_key_dup(_pair.pack(uid, conv), _u64.pack(cursor)):
+        if not history.set_key_dup(_codec.PAIR_KEY.pack(uid, conv), _u64.pack(cursor)):
             raise CorruptionError(f"inbox entry has no history entry (conv {conv})", path=path, key=(uid, cursor))
         refs[msg_id] += 1
     return users, refs
@@ -109,7 +107,7 @@ def _check_dedup(state: State, txn: lmdb.Transaction) -> int:
     inbox = txn.cursor(db=state.inbox)
     count = 0
     for key, value in txn.cursor(db=state.dedup):
-        sender, client_seq = _pair.unpack(key)
+        sender, client_seq = _codec.PAIR_KEY.unpack(key)
         where = (sender, client_seq)
         try:
             msg_id, fingerprint, pairs = _codec.decode_dedup(value)
@@ -130,7 +128,7 @@ def _check_dedup(state: State, txn: lmdb.Transaction) -> int:
             conv = unpack_stored_head(stored)[2]
             if _codec.dedup_fingerprint(conv, stored[STORED_HEAD_SIZE:]) != fingerprint:
                 raise CorruptionError("dedup entry's fingerprint does not match the message it points at", path=path, key=where)
-        if txn.get(_triple.pack(msg_id_ms(msg_id), sender, client_seq), db=state.dedup_expiry) is None:
+        if txn.get(_codec.EXPIRY_KEY.pack(msg_id_ms(msg_id), sender, client_seq), db=state.dedup_expiry) is None:
             raise CorruptionError("dedup entry has no expiry index entry", path=path, key=where)
         count += 1
     return count

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 from ._codec import Deliver, Expire, Record, pack_inbox_entry, pack_u64
 from ._ids import msg_id_ms
-from .state import _pair, _triple  # the key structs of state.py's layout (user|conv, sender|client_seq; the expiry key)
+from .state import EXPIRY_KEY, PAIR_KEY  # the key structs of state.py's layout (user|conv, sender|client_seq; the expiry key)
 
 __all__ = ["Item", "touched", "DB_ORDER"]
 
@@ -51,13 +51,13 @@ def touched(record: Record) -> Iterator[Item]:
         for uid, cursor in record.pairs:
             user = pack_u64(uid)
             yield "inbox", user, pack_inbox_entry(cursor, msg_id)
-            yield "history", _pair.pack(uid, record.conv), pack_u64(cursor)
-        yield "dedup", _pair.pack(record.sender, record.client_seq), None
-        yield "dedup_expiry", _triple.pack(msg_id_ms(msg_id), record.sender, record.client_seq), None
+            yield "history", PAIR_KEY.pack(uid, record.conv), pack_u64(cursor)
+        yield "dedup", PAIR_KEY.pack(record.sender, record.client_seq), None
+        yield "dedup_expiry", EXPIRY_KEY.pack(msg_id_ms(msg_id), record.sender, record.client_seq), None
     elif type(record) is Expire:
         for ms, sender, client_seq in record.keys:
-            yield "dedup_expiry", _triple.pack(ms, sender, client_seq), None
-            yield "dedup", _pair.pack(sender, client_seq), None
+            yield "dedup_expiry", EXPIRY_KEY.pack(ms, sender, client_seq), None
+            yield "dedup", PAIR_KEY.pack(sender, client_seq), None
     else:  # a record kind without an entry here would make deltas silently miss its changes
         raise TypeError(f"no touched items are known for record {type(record).__name__}")
 

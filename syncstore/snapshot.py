@@ -47,7 +47,7 @@ from ._snapformat import BASE, DELTA, DB_IDS, DUP_DBS, ChainEntry, Header, Manif
 from ._statekeys import DB_ORDER, Item, item_order, touched
 from ._walread import LogReader, LogRetired
 from .errors import InvalidArgument, StoreLocked, SyncStoreError
-from .state import _LAST_ID, State
+from .state import LAST_ID_KEY, State
 from ._restore import restore
 
 __all__ = ["SnapshotInfo", "take", "snapshot_chain", "newest_snapshot", "restore", "RECORD_FILE"]
@@ -341,7 +341,7 @@ def _reread(context: _Context, out: SnapWriter, changes: _Changes) -> tuple[int,
         lsn = state.applied_lsn(txn)
         changes.collect(lsn)
         _put_items(context, txn, changes.take(), out)
-        stored = txn.get(_LAST_ID, db=state.meta)
+        stored = txn.get(LAST_ID_KEY, db=state.meta)
     return lsn, None if stored is None else _codec.unpack_u64(stored)
 
 

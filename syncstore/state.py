@@ -58,7 +58,7 @@ from ._layout import DEFAULT_FILE_MODE
 from .errors import CorruptionError, DurabilityError, InvalidArgument, PermissionDenied, ReadersFull, StoreClosed, StoreFull, SyncStoreError
 from ._ids import msg_id_ms
 
-__all__ = ["State", "STATE_FORMAT", "state_dir"]
+__all__ = ["State", "STATE_FORMAT", "state_dir", "PAIR_KEY", "EXPIRY_KEY", "APPLIED_KEY", "LAST_ID_KEY"]
 
 log = logging.getLogger("syncstore.state")
 T = TypeVar("T")
@@ -77,12 +77,21 @@ STATE_FORMAT = 3  # 3: one body per message; 1 and 2 are migrated on open (_migr
 #: LMDB reader slots (one per read transaction open at once, across every process).
 DEFAULT_MAX_READERS = 512
 
-_pair = struct.Struct(">QQ")
-_triple = struct.Struct(">QQQ")
+_pair = _codec.PAIR_KEY
+_triple = _codec.EXPIRY_KEY
 _u64 = struct.Struct(">Q")
 _BATCH_DBS = ("messages", "inbox", "history", "dedup", "dedup_expiry")  # the order _encode_batch returns them in
 _DUPFIXED_NAMES = frozenset(name.decode() for name in _DUPFIXED)
 _MUST_ADD = frozenset({"messages", "inbox", "history"})  # an item that exists already is corruption
+
+# The key layout's public names, for the modules that read or write the state's items directly
+# (snapshots, restore, a follower's bootstrap, the self-check): one owner for the layout.
+#: ``pack(a, b)``: a ``history`` key (user | conv) or a ``dedup`` key (sender | client_seq).
+PAIR_KEY = _pair
+#: ``pack(first-delivery ms, sender, client_seq)``: a ``dedup_expiry`` key.
+EXPIRY_KEY = _triple
+#: ``meta`` keys: the applied LSN, the largest msg_id applied.
+APPLIED_KEY, LAST_ID_KEY = _APPLIED, _LAST_ID
 
 
 @functools.lru_cache(maxsize=64)
