@@ -52,9 +52,10 @@ from collections.abc import Callable, Sequence
 import lmdb
 
 from . import _codec
-from ._codec import RECORD_DELIVER, RECORD_EXPIRE, Deliver, Expire, Pairs, Record
+from ._codec import Deliver, Pairs
 from ._idempotency import Idempotency
 from ._ids import MessageIds, msg_id_ms
+from ._appends import PURGE_BATCH, RecordAppends
 from ._overlay import Overlay
 from ._watch import Watchers
 from .errors import CorruptionError, DurabilityError, StoreClosed, StoreFull, SyncStoreError
@@ -78,7 +79,6 @@ _APPLY_TXN_RECORDS = 16_384  # records per LMDB transaction, at most ...
 _APPLY_TXN_USERS = 8_192
 _MAX_PENDING = 65_536  # stop sequencing while this many records wait (bounded memory)
 BULK_CHUNK = 16_384  # deliver_many commits in chunks of this many messages
-_PURGE_BATCH = 1_000
 _READER_CHECK_S = 10.0  # clear reader slots of dead processes this often
 _ALL = 2**64
 _monotonic = time.monotonic  # the sync timer's clock; a seam: tests substitute their own
@@ -132,8 +132,12 @@ class _Waiter:
         self.error: SyncStoreError | None = None
 
 
-class Writer:
-    """Sequencing, group commit and applier of one writable store; see the module docstring."""
+class Writer(RecordAppends):
+    """Sequencing, group commit and applier of one writable store; see the module docstring.
+
+    Records sequenced elsewhere -- expiry, a leader's records on a follower --
+    come from :class:`~syncstore._appends.RecordAppends`.
+    """
 
     def __init__(
         self,
@@ -579,7 +583,7 @@ class Writer:
                     now = time.monotonic()
                     if now >= next_purge:
                         expired = self.expire_dedup()
-                        next_purge = 0.0 if expired == _PURGE_BATCH else now + 1.0
+                        next_purge = 0.0 if expired == PURGE_BATCH else now + 1.0
                     if now >= next_reader_check:
                         self._state.clear_stale_readers()
                         next_reader_check = now + _READER_CHECK_S
@@ -632,109 +636,6 @@ class Writer:
             if upto >= self._wal.first_lsn:
                 self._state.sync()  # the applied LSN must be durable before its WAL goes
                 self._wal.retire(upto)
-
-    def expire_dedup(self, limit: int = _PURGE_BATCH) -> int:
-        """Sequence an EXPIRE record for up to ``limit`` idempotency keys past the dedup window; return how many.
-
-        Called by the applier (apply lock held, so LMDB's expiry index does
-        not change underneath).  One EXPIRE at a time: none while the last is
-        unapplied, since its keys are still in LMDB.  The record is applied
-        like any other, once durable.
-        """
-        if not self.leader or self._expire_lsn > self._state.applied_lsn():
-            return 0
-        keys = self._state.expired_keys(self._clock() - self._dedup_window_ms, limit)
-        if not keys:
-            return 0
-        with self.lock:
-            if self.failure is not None or self._stopping:
-                return 0
-            self._expire_lsn = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(Expire(keys)), Expire(keys))
-        return len(keys)
-
-    def _append_locked(self, rtype: int, body: bytes, record: Record) -> int:
-        """Frame a record sequenced elsewhere (expiry, a leader's record) at the next LSN.  Sequencing lock held."""
-        lsn = self._next_lsn
-        self._frames.append(_codec.encode_unsealed(lsn, rtype, body))
-        self._next_lsn = lsn + 1
-        if self._flusher_idle:
-            self._work.notify()
-        self.overlay.add(lsn, record)
-        return lsn
-
-    def append_records(self, items: Sequence[tuple[int, Record]]) -> int:
-        """A follower's write: append a leader's records at their own LSNs; wait until durable; return how many were new.
-
-        A record at or below the log's end was applied before and is skipped
-        (it must be the same record: the caller's stream is the leader's).
-        One beyond the next LSN is a gap: :class:`InvalidArgument`-like
-        :class:`~syncstore.errors.LogGap` naming the missing LSNs, and
-        nothing of the batch is appended.  A delivery whose cursors do not
-        continue its recipients' heads means the follower diverged from the
-        leader: :class:`CorruptionError`, nothing appended.
-        """
-        from .errors import LogGap  # noqa: PLC0415 - keeps the hot path's imports short
-
-        self._backpressure()
-        with self.lock:
-            self._check_writable()
-            expected = self._next_lsn
-            fresh = [(lsn, record) for lsn, record in items if lsn >= expected]
-            for lsn, record in fresh:
-                if lsn != expected:
-                    raise LogGap(
-                        f"change {lsn} does not follow this store's log, which ends at {expected - 1}: changes {expected}..{lsn - 1} are missing",
-                        path=self._path,
-                        missing=(expected, lsn - 1),
-                        hint=f"feed the changes from {expected} on (leader.changes(since={expected - 1}))",
-                    )
-                expected += 1
-            with self._state.read() as txn:
-                heads: dict[int, int] = {}
-                head_of = self._state.head_reader(txn)
-                for lsn, record in fresh:
-                    if type(record) is Deliver:
-                        for uid, cursor in record.pairs:
-                            head = heads[uid] if uid in heads else (self.overlay.head(uid) or head_of(uid))
-                            if cursor != head + 1:
-                                raise CorruptionError(
-                                    f"change {lsn} gives user {uid} cursor {cursor}, but this follower's head is {head}: it diverged from its leader",
-                                    path=self._path,
-                                    key=uid,
-                                    hint="restore the follower from a snapshot of its leader",
-                                )
-                            heads[uid] = cursor
-            last = 0
-            for lsn, record in fresh:
-                if type(record) is Deliver:
-                    self._ids.observe(record.msg_id)
-                    last = self._append_locked(RECORD_DELIVER, _codec.encode_deliver(record), record)
-                else:
-                    last = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(record), record)  # type: ignore[arg-type]
-            waiter = self._gate(last) if fresh else None
-        self._await(waiter)
-        self._sync_if_due()
-        return len(fresh)
-
-    @property
-    def apply_lock(self) -> threading.Lock:
-        """Held by whoever writes LMDB (the applier, or a follower's bootstrap)."""
-        return self._apply_lock
-
-    def observe_msg_id(self, msg_id: int) -> None:
-        """Ids issued from now on stay above ``msg_id`` (a follower saw its leader issue it)."""
-        with self.lock:
-            self._ids.observe(msg_id)
-
-    def restart_log(self, lsn: int) -> None:
-        """A follower bootstrapped from a snapshot at ``lsn``: its empty log continues at ``lsn + 1``."""
-        with self.lock:
-            if self._frames or len(self.overlay) or self._next_lsn != self._wal.end_lsn + 1 or self._wal.end_lsn >= self._wal.first_lsn:
-                raise AssertionError("a log restarts only while it holds nothing")
-            self._wal.restart(lsn + 1)
-            with self._synced:
-                self._next_lsn = lsn + 1
-                self._written_lsn = self.synced_lsn = self.acked_lsn = self._notified_lsn = lsn
 
     # --- durability notifications ---------------------------------------------------------
 
