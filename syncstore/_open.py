@@ -25,6 +25,7 @@ from ._layout import DEFAULT_FILE_MODE, Found, Marker
 from ._writer import Writer, _gc_paused
 from .errors import CorruptionError, InvalidArgument, LayoutError, StoreNotFound
 from .state import STATE_FORMAT, State, state_dir
+from ._walread import segment_files
 from .wal import FrameRun, WriteAheadLog, segment_name
 
 __all__ = ["Opened", "open_writable", "open_view"]
@@ -294,15 +295,14 @@ def _restart_empty_log(wal_dir: str, first_lsn: int, fs: FileSystem) -> None:
     Refuses (:class:`CorruptionError`, nothing removed) if any segment holds
     a frame: a bootstrap only runs on a follower whose log is empty.
     """
-    names = [name for name in sorted(fs.listdir(wal_dir)) if name.startswith("wal-") and name.endswith(".log")]
-    if names == [segment_name(first_lsn)]:
+    paths = [path for _first, path in segment_files(wal_dir)]
+    if paths == [os.path.join(wal_dir, segment_name(first_lsn))]:
         return
-    for name in names:
-        data = fs.read_file(os.path.join(wal_dir, name))
-        if data[_codec.SEGMENT_HEADER_SIZE :].strip(b"\0"):
-            raise CorruptionError("a follower bootstrap was interrupted, but its WAL holds frames", path=os.path.join(wal_dir, name), offset=_codec.SEGMENT_HEADER_SIZE)
-    for name in names:
-        fs.unlink(os.path.join(wal_dir, name))
+    for path in paths:
+        if fs.read_file(path)[_codec.SEGMENT_HEADER_SIZE :].strip(b"\0"):
+            raise CorruptionError("a follower bootstrap was interrupted, but its WAL holds frames", path=path, offset=_codec.SEGMENT_HEADER_SIZE)
+    for path in paths:
+        fs.unlink(path)
     fs.fsync_dir(wal_dir)
 
 

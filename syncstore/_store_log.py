@@ -120,7 +120,7 @@ class ChangeLogFacade:
         up to ``max_log_bytes``; see :class:`~syncstore.changelog.Consumer`.
         ``start`` is ignored for an existing consumer.
         """
-        self._check_writer(leader=False) if self.follower else self._check_writer()
+        self._check_writer(leader=not self.follower)
         name = Consumers.check_name(name)
         if start is not None:
             check_u64("start", start)
@@ -142,7 +142,7 @@ class ChangeLogFacade:
 
     def drop_consumer(self, name: str) -> bool:
         """Remove consumer ``name`` (it no longer pins anything); False if there was none."""
-        self._check_writer(leader=False) if self.follower else self._check_writer()
+        self._check_writer(leader=not self.follower)
         return self._changelog.consumers.remove(Consumers.check_name(name))
 
     def apply_changes(self, changes: Iterable[Change]) -> int:

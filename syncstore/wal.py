@@ -469,13 +469,6 @@ class WriteAheadLog:
         """LSN of the oldest retained frame's slot (first LSN of the oldest segment)."""
         return self._segments[0].first_lsn
 
-    def segment_of(self, lsn: int) -> str:
-        """Path of the retained segment holding ``lsn`` (the newest if none does)."""
-        for segment in self._segments:
-            if segment.first_lsn <= lsn <= segment.last_lsn:
-                return segment.path
-        return self._segments[-1].path
-
     @property
     def fileno(self) -> int:
         """Descriptor of the segment being appended to (-1 if none); for the fork handler."""
