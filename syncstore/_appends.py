@@ -7,6 +7,10 @@ delivery -- one mechanism for every write -- but are framed here:
 * :meth:`RecordAppends.expire_dedup`: the applier turns idempotency keys past
   the dedup window into one EXPIRE record (never on a follower, whose log is
   its leader's).
+* :meth:`RecordAppends.append_local`: a local write of any kind but a delivery
+  (a read marker, per-user state, an archive move): the caller builds its
+  record under the sequencing lock, from the state it reads there, and waits
+  until it is acknowledged like a delivery.
 * :meth:`RecordAppends.append_records`: a follower appends its leader's
   records at their own LSNs (duplicates skipped, gaps and diverging cursors
   refused before anything is appended); :meth:`RecordAppends.restart_log`
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import lmdb
 
 from . import _codec
-from ._codec import RECORD_DELIVER, RECORD_EXPIRE, Deliver, Expire, Record
+from ._codec import RECORD_EXPIRE, Deliver, Expire, Record
 from .errors import CorruptionError, LogGap, SyncStoreError
 
 if TYPE_CHECKING:
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
     from .wal import WriteAheadLog
 
 __all__ = ["RecordAppends", "PURGE_BATCH"]
+
+R = TypeVar("R", bound=Record)
 
 PURGE_BATCH = 1_000  # idempotency keys per EXPIRE record, at most
 
@@ -87,6 +95,32 @@ class RecordAppends:
             self._expire_lsn = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(Expire(keys)), Expire(keys))
         return len(keys)
 
+    def append_local(self, build: Callable[[lmdb.Transaction], R | None]) -> R | None:
+        """Sequence the record ``build(txn)`` returns and wait until it is acknowledged; return it.
+
+        ``build`` runs under the sequencing lock with a read transaction of
+        the applied state, so what it decides from that state and the
+        overlay (a marker's current position, a key's type) cannot change
+        before the record is framed; it validates and raises before anything
+        is written, or returns None when there is nothing to write (then
+        nothing is appended and None returned).  Only a leader sequences
+        local writes (a follower's log is its leader's): the caller checks.
+        Raises what ``build`` raises, :class:`StoreClosed`, or the writer's
+        failure (:class:`StoreFull`, :class:`DurabilityError`).
+        """
+        self._backpressure()
+        with self.lock:
+            self._check_writable()
+            with self._state.read() as txn:
+                record = build(txn)
+            if record is None:
+                return None
+            rtype, body = _codec.encode_record(record)
+            waiter = self._gate(self._append_locked(rtype, body, record))
+        self._await(waiter)
+        self._sync_if_due()
+        return record
+
     def _append_locked(self, rtype: int, body: bytes, record: Record) -> int:
         """Frame a record sequenced elsewhere (expiry, a leader's record) at the next LSN.  Sequencing lock held."""
         lsn = self._next_lsn
@@ -141,9 +175,7 @@ class RecordAppends:
             for lsn, record in fresh:
                 if type(record) is Deliver:
                     self._ids.observe(record.msg_id)
-                    last = self._append_locked(RECORD_DELIVER, _codec.encode_deliver(record), record)
-                else:
-                    last = self._append_locked(RECORD_EXPIRE, _codec.encode_expire(record), record)  # type: ignore[arg-type]
+                last = self._append_locked(*_codec.encode_record(record), record)
             waiter = self._gate(last) if fresh else None
         self._await(waiter)
         self._sync_if_due()
