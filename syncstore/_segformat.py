@@ -449,9 +449,9 @@ def encode_segment(year: int, month: int, messages: Iterable[MessageRecord], ent
     for section, table, keys in ((INBOX, inbox, 2), (HISTORY, history, 3), (MSG_IDS, by_id, 1)):
         per_row = ROW_SIZE[section]
         for start, end in _cut(repeat(per_row, len(table)), options.block_bytes):
-            part = table[start:end]
-            key = (*part[0][:keys], 0, 0)[:3]
-            yield block(section, _encode_block(section, list(zip(*part))), end - start, key)  # type: ignore[arg-type]
+            rows_part = table[start:end]
+            key = (*rows_part[0][:keys], 0, 0)[:3]
+            yield block(section, _encode_block(section, list(zip(*rows_part))), end - start, key)  # type: ignore[arg-type]
     index = b"".join(_entry.pack(r.section, r.rows, r.offset, r.compressed, r.raw, r.crc, *r.key) for r in refs_out)
     users = sorted({user for user, _, _ in inbox})
     index += _build_filter(users, len(users))
@@ -591,7 +591,7 @@ def decode_index(data: bytes, footer: Footer, header: Header, path: str | None =
     )
 
 
-def check_block(data: bytes | memoryview, ref: BlockRef, path: str | None = None) -> None:
+def check_block(data: bytes, ref: BlockRef, path: str | None = None) -> None:
     """:class:`CorruptionError` unless ``data`` (the C bytes read at the block's offset) has the block's CRC."""
     if len(data) != ref.compressed:
         raise CorruptionError(f"archive segment block is cut short ({len(data)} of {ref.compressed} bytes)", path=path, offset=ref.offset)
@@ -599,7 +599,7 @@ def check_block(data: bytes | memoryview, ref: BlockRef, path: str | None = None
         raise CorruptionError(f"archive segment {SECTIONS[ref.section]} block fails its CRC-32C", path=path, offset=ref.offset)
 
 
-def decompress_block(data: bytes | memoryview, ref: BlockRef, decompressor: zstandard.ZstdDecompressor, path: str | None = None) -> bytes:
+def decompress_block(data: bytes, ref: BlockRef, decompressor: zstandard.ZstdDecompressor, path: str | None = None) -> bytes:
     """The raw bytes of a block whose CRC is checked (:func:`check_block`), their length checked."""
     try:
         raw = decompressor.decompress(data, max_output_size=ref.raw)

@@ -111,6 +111,12 @@ class BlockCache:
             for key in [k for k in self._items if k[0] == token]:
                 self.bytes -= self._items.pop(key)[1]
 
+    def clear(self) -> None:
+        """Forget every block (a cold cache)."""
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -272,6 +278,10 @@ class Segment:
         self._cache.put(key, decoded, _decoded_size(ref))
         return decoded
 
+    def _rows(self, section: int, number: int) -> list[tuple[int, ...]]:
+        """The columns of block ``number`` of a row section (inbox, history, msg_ids)."""
+        return self._block(section, number)  # type: ignore[return-value]
+
     def _records(self, ordinals: Iterable[int]) -> list[MessageRecord]:
         """The messages at ``ordinals`` (consecutive ordinals share their block's lookup)."""
         firsts = self.index.first_ordinals
@@ -309,7 +319,7 @@ class Segment:
         while number < len(self._inbox) and len(cursors) < limit:
             if self._inbox[number].key[0] > user:
                 break
-            users, block_cursors, block_ordinals = self._block(INBOX, number)  # type: ignore[misc]
+            users, block_cursors, block_ordinals = self._rows(INBOX, number)
             low = bisect.bisect_left(users, user)
             high = bisect.bisect_right(users, user, low)
             at = bisect.bisect_right(block_cursors, since, low, high)
@@ -328,7 +338,7 @@ class Segment:
         number = fmt.find_block(self.index, MSG_IDS, (msg_id,))
         if number < 0:
             return None
-        ids, ordinals = self._block(MSG_IDS, number)  # type: ignore[misc]
+        ids, ordinals = self._rows(MSG_IDS, number)
         at = bisect.bisect_left(ids, msg_id)
         if at == len(ids) or ids[at] != msg_id:
             return None
@@ -343,7 +353,7 @@ class Segment:
         cursors: list[int] = []
         ordinals: list[int] = []
         while number >= 0 and len(cursors) < limit:
-            users, convs, block_cursors, block_ordinals = self._block(HISTORY, number)  # type: ignore[misc]
+            users, convs, block_cursors, block_ordinals = self._rows(HISTORY, number)
             low = bisect.bisect_left(users, user)
             high = bisect.bisect_right(users, user, low)
             low = bisect.bisect_left(convs, conv, low, high)
@@ -393,7 +403,7 @@ class Segment:
         return VerifyReport(self.path, size, footer.blocks, footer.messages, footer.entries, deep, time.perf_counter() - started)
 
 
-def _prepend(cursor: int, record: MessageRecord) -> tuple[int, ...]:
+def _prepend(cursor: int, record: MessageRecord) -> tuple[object, ...]:
     return (cursor, *record)
 
 
@@ -427,12 +437,12 @@ class _DeepSums:
         if ref.section == MESSAGES:
             block = fmt.decode_messages(raw, ref, following, segment.path)
             first = ref.key[2]
-            ordinals = range(first, first + ref.rows)
+            numbers = range(first, first + ref.rows)
             ids = [record.msg_id for record in block.records]
             self.ref_total += sum(block.refs)
-            self.refs += sum(r * hash((o, 0)) for r, o in zip(block.refs, ordinals))
-            self.convs += sum(r * hash((rec.conv, o)) for r, rec, o in zip(block.refs, block.records, ordinals))
-            self.ids += sum(map(hash, zip(ids, ordinals)))
+            self.refs += sum(r * hash((o, 0)) for r, o in zip(block.refs, numbers))
+            self.convs += sum(r * hash((rec.conv, o)) for r, rec, o in zip(block.refs, block.records, numbers))
+            self.ids += sum(map(hash, zip(ids, numbers)))
             self.msg_ids += (min(ids), max(ids))
             return
         columns = fmt.decode_rows(raw, ref, following, segment.footer.messages, segment.path)
