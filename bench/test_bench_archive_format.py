@@ -3,7 +3,7 @@
 Data, per language (``_corpus``: every measured English or Chinese fortune
 once, in the IM envelope; 300 users, so that inboxes hold ~200-300 entries
 of the month): one segment written with the chosen options
-(``syncstore._segment.write_segment``: 16 KiB blocks, zstd level 9, a 32 KiB
+(``syncstore._segment.write_segment``: 8 KiB blocks, zstd level 9, a 32 KiB
 dictionary trained on the held-out texts), and the same deliveries in a
 syncstore store (``deliver_many``, so the hot LMDB read serves the same
 messages in the same order).
@@ -43,7 +43,7 @@ _corpus = pytest.importorskip("_corpus")
 
 LIMIT = 100
 USERS = 300
-OPTIONS = {"block_bytes": 16 * 1024, "level": 9}
+OPTIONS = {"block_bytes": 8 * 1024, "level": 9}
 DICTIONARY = 32 * 1024
 
 for _language in _corpus.LANGUAGES:

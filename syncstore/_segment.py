@@ -293,8 +293,8 @@ class Segment:
                 number = bisect.bisect_right(firsts, ordinal) - 1
                 block = self._block(MESSAGES, number)  # type: ignore[assignment]
                 start = firsts[number]
-                end = start + len(block.records)  # type: ignore[union-attr]
-            out.append(block.records[ordinal - start])  # type: ignore[union-attr]
+                end = start + len(block)  # type: ignore[arg-type]
+            out.append(block.record(ordinal - start))  # type: ignore[union-attr]
         return out
 
     def may_hold(self, user: int) -> bool:
@@ -435,7 +435,7 @@ class _DeepSums:
         self.numbers[ref.section] += 1
         following = fmt.next_key(segment.index, ref.section, number)
         if ref.section == MESSAGES:
-            block = fmt.decode_messages(raw, ref, following, segment.path)
+            block = fmt.decode_messages(raw, ref, following, segment.path, every_row=True)
             first = ref.key[2]
             numbers = range(first, first + ref.rows)
             ids = [record.msg_id for record in block.records]
@@ -445,7 +445,7 @@ class _DeepSums:
             self.ids += sum(map(hash, zip(ids, numbers)))
             self.msg_ids += (min(ids), max(ids))
             return
-        columns = fmt.decode_rows(raw, ref, following, segment.footer.messages, segment.path)
+        columns = fmt.decode_rows(raw, ref, following, segment.footer.messages, segment.path, every_row=True)
         if ref.section == INBOX:
             users, cursors, ordinals = columns
             self.inbox += sum(map(hash, zip(users, cursors, ordinals)))

@@ -36,7 +36,7 @@ import _corpus  # noqa: E402
 from syncstore import _segformat as fmt  # noqa: E402
 from syncstore.model import MessageRecord  # noqa: E402
 
-BLOCKS = (4096, 16384, 65536, 262144)
+BLOCKS = (4096, 8192, 16384, 65536)
 LEVELS = (3, 9, 19)
 DICTS = (0, 8192, 32768)
 
@@ -70,9 +70,9 @@ def measure(messages: list[MessageRecord], entries: list[fmt.Entry], options: fm
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only 16 KiB blocks (every level and dictionary)")
+    parser.add_argument("--quick", action="store_true", help="only 8 KiB blocks (every level and dictionary)")
     args = parser.parse_args()
-    blocks = (16384,) if args.quick else BLOCKS
+    blocks = (8192,) if args.quick else BLOCKS
     for language in _corpus.LANGUAGES:
         messages, entries, hot, message_bytes = month(language)
         held, _ = _corpus.split(language)
