@@ -57,11 +57,12 @@ once (its head and body, as state format 3 stores it) and every inbox entry
     56      4     CRC-32C of bytes 0..55
 
 Sections, their rows, sort orders and block keys.  A block's raw bytes are
-its columns one after the other, each column's N values packed big-endian
-and **byte-shuffled** (all first bytes, then all second bytes, ...: zstd
-then sees the runs that sorted and small numbers make); a column marked
-delta holds each value minus the previous row's (mod 2^64; the first row's
-minus 0)::
+its columns one after the other, each column's N values packed big-endian;
+in the inbox, history and msg_ids sections each column is **byte-shuffled**
+(all first bytes, then all second bytes, ...: zstd then sees the runs that
+sorted and small numbers make), in the messages section not (see
+``_COLUMNS``); a column marked delta holds each value minus the previous
+row's (mod 2^width; the first row's minus 0)::
 
     1 messages  sorted by (conv, msg_id); row i of the section is message
                 ordinal i, what the other sections point to
