@@ -46,6 +46,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from syncstore.model import MessageRecord
+
 FORTUNE_DIR = "/usr/share/games/fortunes"
 ZH_FILES = ("chinese", "tang300", "song100")
 LANGUAGES = ("en", "zh")
@@ -139,13 +141,7 @@ def split(language: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
 class Delivered:
     """One message of the month as the store holds it: the message and each recipient's cursor."""
 
-    msg_id: int
-    sender: int
-    conv: int
-    client_seq: int
-    ts_ms: int
-    priority: int
-    body: bytes
+    message: MessageRecord  # msg_id, sender, conv, client_seq, ts_ms, priority, body
     pairs: tuple[tuple[int, int], ...]  # (user, cursor) per recipient, sender included
     delivered_ms: int  # the store's clock when it was sequenced (Unix ms): decides the month
 
@@ -217,7 +213,8 @@ def month_of_traffic(
         for uid in sorted(set(members)):
             heads[uid] += 1
             recipients.append((uid, heads[uid]))
-        out.append(Delivered(msg_id, sender, conv_id, client_seqs[sender], at - lag, 1 if rng.random() < 0.02 else 0, body, tuple(recipients), at))
+        message = MessageRecord(msg_id, sender, conv_id, client_seqs[sender], at - lag, 1 if rng.random() < 0.02 else 0, body)
+        out.append(Delivered(message, tuple(recipients), at))
     return out
 
 

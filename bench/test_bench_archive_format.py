@@ -37,7 +37,6 @@ import syncstore
 from syncstore import Message
 from syncstore import _segformat as fmt
 from syncstore._segment import BlockCache, Segment, write_segment
-from syncstore.model import MessageRecord
 
 _corpus = pytest.importorskip("_corpus")
 
@@ -81,8 +80,8 @@ def month(request, tmp_path_factory):
     scale = scale_for(request.config.getoption("benchmark_disable", default=False))
     texts = measured[: sized(len(measured), scale, 1_500)]
     delivered = _corpus.month_of_traffic(texts, users=USERS if scale >= 0.5 else 30)
-    messages = [MessageRecord(d.msg_id, d.sender, d.conv, d.client_seq, d.ts_ms, d.priority, d.body) for d in delivered]
-    entries = [fmt.Entry(user, cursor, d.msg_id) for d in delivered for user, cursor in d.pairs]
+    messages = [d.message for d in delivered]
+    entries = [fmt.Entry(user, cursor, d.message.msg_id) for d in delivered for user, cursor in d.pairs]
     dictionary = fmt.train_dictionary(held, DICTIONARY)
     assert dictionary is not None
     return language, messages, entries, delivered, dictionary, tmp_path_factory.mktemp(f"archive-{language}"), scale
@@ -141,7 +140,7 @@ def hot(month, tmp_path_factory):
     first = {}  # user -> the segment cursor of the user's first message of the month (hot cursors start at 1)
     for start in range(0, len(delivered), 1_000):
         batch = delivered[start : start + 1_000]
-        store.deliver_many([(Message(d.sender, d.conv, d.client_seq, d.body, d.ts_ms, d.priority), [u for u, _ in d.pairs]) for d in batch])
+        store.deliver_many([(Message(m.sender, m.conv, m.client_seq, m.body, m.ts_ms, m.priority), [u for u, _ in d.pairs]) for d in batch for m in (d.message,)])
         for d in batch:
             for user, cursor in d.pairs:
                 first.setdefault(user, cursor)

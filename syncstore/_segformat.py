@@ -116,6 +116,7 @@ from operator import lt
 from typing import NamedTuple
 
 import zstandard
+from crc32c import crc32c
 
 from ._codec import crc32c_of
 from .errors import CorruptionError, InvalidArgument
@@ -627,11 +628,11 @@ def decode_index(data: bytes, footer: Footer, header: Header, path: str | None =
     )
 
 
-def check_block(data: bytes, ref: BlockRef, path: str | None = None) -> None:
+def check_block(data: bytes | memoryview, ref: BlockRef, path: str | None = None) -> None:
     """:class:`CorruptionError` unless ``data`` (the C bytes read at the block's offset) has the block's CRC."""
     if len(data) != ref.compressed:
         raise CorruptionError(f"archive segment block is cut short ({len(data)} of {ref.compressed} bytes)", path=path, offset=ref.offset)
-    if crc32c_of(data) != ref.crc:
+    if crc32c(data) != ref.crc:
         raise CorruptionError(f"archive segment {SECTIONS[ref.section]} block fails its CRC-32C", path=path, offset=ref.offset)
 
 

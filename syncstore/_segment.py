@@ -391,16 +391,33 @@ class Segment:
             if (header, footer) != (self.header, self.footer) or index.blocks != self.index.blocks:
                 raise CorruptionError("archive segment changed on disk since it was opened", path=self.path, offset=0, hint="segments are immutable: find what rewrote it")
             sums = _DeepSums() if deep else None
-            for ref in index.blocks:
-                data = os.pread(self._fd, ref.compressed, ref.offset)
-                fmt.check_block(data, ref, self.path)
-                if sums is not None:
-                    sums.add(self, ref, self._decompress(ref, data))
+            for batch in _batches(index.blocks):  # one read per ~4 MiB of blocks: a read per 8 KiB block halved the speed
+                start = batch[0].offset
+                data = os.pread(self._fd, batch[-1].offset + batch[-1].compressed - start, start)
+                with memoryview(data) as view:
+                    for ref in batch:
+                        block = view[ref.offset - start : ref.offset - start + ref.compressed]
+                        fmt.check_block(block, ref, self.path)
+                        if sums is not None:
+                            sums.add(self, ref, self._decompress(ref, bytes(block)))
         except OSError as error:
             raise _io_error(error, "verifying an archive segment", self.path) from None
         if sums is not None:
             sums.check(self)
         return VerifyReport(self.path, size, footer.blocks, footer.messages, footer.entries, deep, time.perf_counter() - started)
+
+
+def _batches(blocks: tuple[BlockRef, ...], size: int = 4 << 20) -> list[list[BlockRef]]:
+    """The blocks (in file order) in runs of about ``size`` bytes, each run read at once."""
+    batches: list[list[BlockRef]] = [[]]
+    total = 0
+    for ref in blocks:
+        if total >= size:
+            batches.append([])
+            total = 0
+        batches[-1].append(ref)
+        total += ref.compressed
+    return batches
 
 
 def _prepend(cursor: int, record: MessageRecord) -> tuple[object, ...]:

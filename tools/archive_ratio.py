@@ -45,8 +45,8 @@ def month(language: str) -> tuple[list[MessageRecord], list[fmt.Entry], int, int
     """The measured month: messages, entries, hot-state bytes, (45 + body) bytes."""
     _held, measured = _corpus.split(language)
     delivered = _corpus.month_of_traffic(measured)
-    messages = [MessageRecord(d.msg_id, d.sender, d.conv, d.client_seq, d.ts_ms, d.priority, d.body) for d in delivered]
-    entries = [fmt.Entry(user, cursor, d.msg_id) for d in delivered for user, cursor in d.pairs]
+    messages = [d.message for d in delivered]
+    entries = [fmt.Entry(user, cursor, d.message.msg_id) for d in delivered for user, cursor in d.pairs]
     message_bytes = sum(45 + len(m.body) for m in messages)
     return messages, entries, message_bytes + 24 * len(entries), message_bytes
 
