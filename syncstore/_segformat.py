@@ -663,7 +663,7 @@ def decode_messages(raw: bytes, ref: BlockRef, next_key: tuple[int, ...] | None,
     convs, ids, _senders, _seqs, _lags, refs, lengths, _priorities = columns
     if at + sum(lengths) != len(raw) or 0 in refs:
         raise CorruptionError("archive segment messages block's lengths do not add up", path=path, offset=ref.offset)
-    keys = list(zip(convs, ids)) if every_row else [(convs[0], ids[0]), (convs[-1], ids[-1])]
+    keys: list[tuple[int, ...]] = list(zip(convs, ids)) if every_row else [(convs[0], ids[0]), (convs[-1], ids[-1])]
     _check_order(keys, ref, next_key, 0, (), path, every_row)
     return MessageBlock(columns, list(accumulate(lengths, initial=at)), raw, refs)
 
