@@ -486,15 +486,22 @@ class AsyncStore:
 
     async def _changes(self, since: int, limit: int | None, follow: bool, deadline: float | None) -> AsyncIterator[Change]:
         changelog = self._store._changelog
-        reader = await self._call(functools.partial(changelog.open_reader, since))
         watchers = self._watchers() if follow else None
         signal = None
-        if watchers is not None:
+        if watchers is not None:  # registered at the first step, before any await
             signal = _Signal(self._inbox)
             watchers.add_tail(signal)
+        try:
+            reader = await self._call(functools.partial(changelog.open_reader, since))
+        except BaseException:
+            if signal is not None and watchers is not None:
+                watchers.unwatch(signal)
+            raise
         position, left = since, limit
         try:
             while left is None or left > 0:
+                if follow and self._closing:
+                    return  # a follow ends quietly when the store closes (a plain read raises StoreClosed)
                 if signal is not None:
                     signal.clear()  # before reading: a record made durable after the read sets it again
                 try:
@@ -578,20 +585,15 @@ class AsyncStore:
         final flush fails); the worker is stopped and the store released either way.
         """
         if self._closed is None:
+            self._closing = True  # at once: no call gets in between
+            queued, self._queue = self._queue, []
+            _fail(queued, StoreClosed("the store was closed before this delivery was written (nothing of it was)", path=self._store.path))
             self._closed = self._loop.create_task(self._close())
         await asyncio.shield(self._closed)
 
     async def _close(self) -> None:
-        queued, self._queue = self._queue, []
-        _fail(queued, StoreClosed("the store was closed before this delivery was written", path=self._store.path))
         try:
-            closing = self._worker.submit(self._store.close)  # sequenced deliveries are acknowledged before it returns
-        except SyncStoreError:
-            closing = None
-        self._closing = True
-        try:
-            if closing is not None:
-                await closing
+            await self._worker.submit(self._store.close)  # sequenced deliveries are acknowledged before it returns
         finally:
             await self._worker.stop()
             self._worker.join()  # it has finished its last job: immediate
