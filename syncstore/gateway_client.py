@@ -49,6 +49,8 @@ class GatewayClient:
         self._ws: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
+        self._reading = asyncio.Event()  # cleared by pause(): frames then wait in the socket (a slow reader)
+        self._reading.set()
 
     async def connect(self, *, resume: bool = True, **options: Any) -> Accepted:
         """Open a connection, authenticate, and (``resume``) resume from the client's position.  ``options`` go to websockets' ``connect``."""
@@ -97,6 +99,13 @@ class GatewayClient:
             await self._ws.close()
         await self.disconnected.wait()
 
+    def pause(self) -> None:
+        """Stop reading frames (they pile up in the socket, as with a client on a slow link) until :meth:`unpause`."""
+        self._reading.clear()
+
+    def unpause(self) -> None:
+        self._reading.set()
+
     def abort(self) -> None:
         """Drop the connection abruptly (no close handshake), as a phone losing its network does."""
         self._ws.transport.abort()
@@ -105,8 +114,9 @@ class GatewayClient:
         from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
 
         try:
-            async for text in ws:
-                self._take(protocol.decode_server(text))
+            while True:
+                await self._reading.wait()
+                self._take(protocol.decode_server(await ws.recv()))
         except ConnectionClosed:
             pass
         finally:
