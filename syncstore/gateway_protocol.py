@@ -352,8 +352,8 @@ def mint_token(secret: bytes, user: int, expires_at: int) -> str:
 def check_token(secret: bytes, user: int, token: str, now: float) -> bool:
     """Whether ``token`` proves ``user`` at time ``now`` (Unix seconds); constant-time comparison of the MAC."""
     parts = token.split(".") if type(token) is str and len(token) <= MAX_TOKEN_CHARS else []
-    if len(parts) != 3 or parts[0] != "v1" or not parts[1].isdigit() or len(parts[1]) > 20:
-        return False
+    if len(parts) != 3 or parts[0] != "v1" or not parts[1].isdigit() or len(parts[1]) > 20 or str(int(parts[1])) != parts[1]:
+        return False  # the expiry in canonical digits only: one token per (user, expiry)
     expires_at = int(parts[1])
     if expires_at > MAX_U64 or expires_at < now:
         return False
