@@ -49,6 +49,7 @@ class GatewayClient:
         self._ws: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
+        self._target: tuple[int, asyncio.Event] | None = None  # holding(): the count awaited
         self._reading = asyncio.Event()  # cleared by pause(): frames then wait in the socket (a slow reader)
         self._reading.set()
 
@@ -88,6 +89,41 @@ class GatewayClient:
             self._acks.pop(client_seq, None)
             raise GatewayError(f"the connection is gone: {error!r}", code="disconnected") from error
         return await future
+
+    async def ensure_connected(self, **options: Any) -> None:
+        """Connect (and resume from the client's position) unless the current connection is up."""
+        if self._ws is None or self.disconnected.is_set():
+            await self.connect(**options)
+
+    async def send_reliably(self, conv: int, client_seq: int, body: bytes, to: list[int] | None = None) -> Ack:
+        """:meth:`send` until acknowledged, reconnecting whenever the connection drops -- always with the same ``client_seq``.
+
+        What a client does with an unacknowledged send: the idempotency key
+        makes the retry safe (a delivery that did land comes back ``duplicate``).
+        """
+        while True:
+            await self.ensure_connected()
+            try:
+                return await self.send(conv, client_seq, body, to)
+            except GatewayError as error:
+                if error.code != "disconnected":
+                    raise
+
+    async def holding(self, count: int) -> None:
+        """Wait until the client holds ``count`` messages, reconnecting (and resuming) whenever its connection ends."""
+        while len(self.messages) < count:
+            await self.ensure_connected()
+            reached = asyncio.Event()
+            self._target = (count, reached)
+            if len(self.messages) >= count:
+                break
+            waits = [asyncio.ensure_future(reached.wait()), asyncio.ensure_future(self.disconnected.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+        self._target = None
 
     async def send_raw(self, text: str) -> None:
         """Send any text frame (tests of malformed frames)."""
@@ -136,6 +172,8 @@ class GatewayClient:
             self.messages.append(frame)
             if self.on_push is not None:
                 self.on_push(frame)
+            if self._target is not None and len(self.messages) >= self._target[0]:
+                self._target[1].set()
         elif type(frame) is Ack:
             future = self._acks.pop(frame.client_seq, None)
             if future is not None and not future.done():

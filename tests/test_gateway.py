@@ -63,38 +63,6 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, GUARD_S))
 
 
-async def ensure(client: GatewayClient, **options) -> None:
-    """Connected (reconnecting and resuming from the client's cursor if the last connection ended)."""
-    if client._ws is None or client.disconnected.is_set():
-        await client.connect(**options)
-
-
-async def send_reliably(client: GatewayClient, conv: int, seq: int, body: bytes, to: list[int]):
-    """Send until acknowledged, reconnecting as needed -- always with the same client_seq."""
-    while True:
-        await ensure(client)
-        try:
-            return await client.send(conv, seq, body, to)
-        except GatewayError as error:
-            if error.code != "disconnected":
-                raise
-
-
-async def caught_up(client: GatewayClient, count: int) -> None:
-    """Until the client holds ``count`` messages, reconnecting whenever its connection ends."""
-    while len(client.messages) < count:
-        await ensure(client)
-        reached = asyncio.Event()
-        client.on_push = lambda _push: len(client.messages) >= count and reached.set()
-        if len(client.messages) >= count:
-            break
-        waits = [asyncio.ensure_future(reached.wait()), asyncio.ensure_future(client.disconnected.wait())]
-        _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-    client.on_push = None
-
-
 def slow_socket(port: int) -> socket.socket:
     """A connected TCP socket with a tiny receive buffer: a reader on a slow link fills it at once."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -138,13 +106,13 @@ def test_fifty_clients_get_every_message_exactly_once_in_cursor_order(tmp_path):
                     body = f"{user}:{seq}".encode()
                     roll = rng.random()
                     if roll < 0.15:  # the frame goes out, the connection drops before the ack
-                        await ensure(client)
+                        await client.ensure_connected()
                         await client.send_raw(encode(Send(5, seq, body, tuple(to))))
                         client.abort()
                         await client.disconnected.wait()
-                    ack = await send_reliably(client, 5, seq, body, to)
+                    ack = await client.send_reliably(5, seq, body, to)
                     if roll > 0.85:  # a retry of the same client_seq: the first delivery, once
-                        again = await send_reliably(client, 5, seq, body, to)
+                        again = await client.send_reliably(5, seq, body, to)
                         assert again.duplicate and again.msg_id == ack.msg_id
                     addressed(user, seq, to, ack.msg_id)
                     if rng.random() < 0.1:  # a phone losing its network; it comes back later
@@ -158,7 +126,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_cursor_order(tmp_path):
             for n in range(1, 3001):
                 if env.events[("evicted", SLOW)].is_set():
                     break
-                ack = await send_reliably(feeder, 9, 10_000 + n, big, [SLOW])
+                ack = await feeder.send_reliably(9, 10_000 + n, big, [SLOW])
                 addressed(1, 10_000 + n, [SLOW], ack.msg_id)
             else:
                 pytest.fail("the slow reader was never evicted")
@@ -169,7 +137,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_cursor_order(tmp_path):
             assert len(slow.messages) < len(expected[SLOW])  # it had fallen behind ...
 
             everyone = {**clients, SLOW: slow}
-            await asyncio.gather(*(caught_up(client, len(expected[user])) for user, client in everyone.items()))  # ... and resumes
+            await asyncio.gather(*(client.holding(len(expected[user])) for user, client in everyone.items()))  # ... and resumes
             for user, client in everyone.items():
                 check_inbox(client, expected[user])
                 assert client.resets == []
@@ -235,7 +203,7 @@ def test_a_malformed_frame_closes_that_connection_only(tmp_path):
                 # the bystander's connection is untouched: it still sends and receives
                 ack = await bystander.send(3, index + 1, b"still here", [2])
                 assert not ack.duplicate
-            await caught_up(bystander, len(MALFORMED))
+            await bystander.holding(len(MALFORMED))
             check_inbox(bystander, {m.msg_id: (1, m.client_seq) for m in bystander.messages})
             # protocol steps out of order close with 1008
             twice = env.client(2)
@@ -278,7 +246,7 @@ def test_resets_reach_the_client_and_it_resyncs(tmp_path):
             client = env.client(4)
             client.epoch, client.cursor = old_epoch, 3  # a cursor from another history
             await client.connect()
-            await caught_up(client, 5)
+            await client.holding(5)
             assert [(r.reason, r.next, r.epoch) for r in client.resets] == [("epoch", 0, env.store.epoch)]
             assert [m.cursor for m in client.messages] == [1, 2, 3, 4, 5]
             await client.close()
@@ -286,7 +254,7 @@ def test_resets_reach_the_client_and_it_resyncs(tmp_path):
             ahead = env.client(4)
             ahead.epoch, ahead.cursor = env.store.epoch, 50  # from the future: the store was rewound
             await ahead.connect()
-            await caught_up(ahead, 5)
+            await ahead.holding(5)
             assert [r.reason for r in ahead.resets] == ["ahead"]
             check_inbox(ahead, {m.msg_id: (9, m.client_seq) for m in client.messages})
             await ahead.close()
@@ -297,13 +265,13 @@ def test_resets_reach_the_client_and_it_resyncs(tmp_path):
             await third.connect(resume=False)
             await third.resume(msg_id=client.messages[2].msg_id)
             third.cursor = 3  # what the client holds up to that msg_id
-            await caught_up(third, 2)
+            await third.holding(2)
             assert [m.cursor for m in third.messages] == [4, 5] and third.resets == []
             await third.close()
             unknown = env.client(4)
             await unknown.connect(resume=False)
             await unknown.resume(msg_id=12345)
-            await caught_up(unknown, 5)
+            await unknown.holding(5)
             assert [r.reason for r in unknown.resets] == ["msg_id"]
             await unknown.close()
 
@@ -317,7 +285,7 @@ def test_membership_resolver(tmp_path):
             await alice.connect()
             await bob.connect()
             ack = await alice.send(77, 1, b"to the group")  # no 'to': the members
-            await caught_up(bob, 1)
+            await bob.holding(1)
             assert bob.messages[0].msg_id == ack.msg_id
             assert await env.store.head(3) == 1
             for conv, to in ((77, [9]), (78, None)):  # a non-member recipient; an unknown conversation
@@ -369,7 +337,7 @@ def test_a_message_landing_during_catch_up_is_pushed(tmp_path):
             try:
                 client = GatewayClient(f"ws://127.0.0.1:{port}", 4, token(4))
                 await client.connect()
-                await caught_up(client, 2)
+                await client.holding(2)
                 assert [m.body for m in client.messages] == [b"before", b"raced"] and gateway.raced
                 await client.close()
             finally:
