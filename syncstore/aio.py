@@ -281,6 +281,7 @@ async def open(path: str | os.PathLike[str], **options: Any) -> AsyncStore:  # n
     except BaseException:
         worker.later(functools.partial(_close_all, opened))  # cancelled while opening: it must not stay open
         await asyncio.shield(worker.stop())
+        worker.join()  # it has finished its last job: immediate
         raise
     return AsyncStore(store, loop, worker, inbox)
 

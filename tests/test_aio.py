@@ -517,3 +517,18 @@ def test_open_errors_and_worker_threads_go_away(tmp_path):
         assert isinstance(store, AsyncStore)
 
     run(main())
+
+
+def test_cancelling_open_leaves_the_store_closed(store_path):
+    async def main():
+        before = threading.active_count()
+        task = asyncio.ensure_future(syncstore.aio.open(store_path))
+        await asyncio.sleep(0)  # one pass: the opening is handed to the worker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert threading.active_count() == before  # the worker and the store's threads are gone
+        with syncstore.open(store_path) as store:  # not left open (and locked) in this process
+            assert store.lsn == 0
+
+    run(main())
