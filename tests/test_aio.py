@@ -543,3 +543,17 @@ def test_cancelling_open_leaves_the_store_closed(store_path):
             assert store.lsn == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("durability", ["interval", "none"])
+def test_timer_durability_modes(store_path, durability):
+    """Acknowledged when written; visible (and durable) at the syncer's timer or at flush -- never synced on the loop."""
+
+    async def main():
+        async with await syncstore.aio.open(store_path, durability=durability) as store:
+            results = await asyncio.gather(*(store.deliver(Message(1, 1, seq, b"x"), [4]) for seq in range(1, 101)))
+            assert sorted(r.cursors[4] for r in results) == list(range(1, 101))
+            await store.flush()
+            assert await store.head(4) == 100 and store.lsn == 100
+
+    run(main())
