@@ -330,6 +330,19 @@ SECTIONS: dict[str, Section] = {
             higher_is_better=False,
         ),
         Section("restore", "restore a base + one delta into a new store (every file checked first, then built, then check())", "MB/s"),  # issue 9
+        Section(  # issue 13
+            "aio",
+            "durable deliver from 1,000 asyncio coroutines (syncstore.aio) vs 8 threads (Store.deliver), same run; 1:1, 1,000 users, 200-byte bodies",
+            "msg/s",
+            targets=(Target("msg/s", 25_000), Target("msg/s", 30_000), Target("msg/s", 1.3, "threads")),
+            note="threads: the threaded API's row of this same run (8 threads, one message per call)",
+        ),
+        Section(  # issue 13
+            "gateway",
+            "WebSocket gateway on loopback: send -> push latency with 1,000 connected clients; memory per connected client",
+            "p50 ms",
+            higher_is_better=False,
+        ),
         Section(
             "memory",
             "memory: ingest with deliver_many into a fresh store (subprocess)",

@@ -33,6 +33,11 @@ messaging server and checks the store got every bit of it right:
 9. *The change log* (:mod:`syncstore._demo_stream`): a live tail and
    long-polling clients during the second half, then a named consumer reads
    the whole log and a follower replica rebuilt from it must equal the store.
+10. *asyncio* (:mod:`syncstore._demo_aio`), in a store of its own: coroutines
+   deliver with ``syncstore.aio`` while an ``async for`` tail follows the log,
+   every inbox is verified with ``await store.sync``; then a few WebSocket
+   gateway clients on 127.0.0.1 (one dropping and resuming) must each hold
+   their messages exactly once, in cursor order.
 
 The function returns a frozen :class:`DemoResult`; :func:`format_report`
 renders it.  Progress is reported through a callback so the caller decides
@@ -51,8 +56,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import _demo_reads, _demo_safety, _demo_stream, _layout
+from . import _demo_aio, _demo_reads, _demo_safety, _demo_stream, _layout
 from . import store as _store
+from ._demo_aio import AioResult
 from ._demo_reads import ReadsResult
 from ._demo_safety import SafetyResult
 from ._demo_stream import StreamResult
@@ -64,6 +70,7 @@ __all__ = ["DemoConfig", "Progress", "DemoResult", "run_demo", "format_report"]
 PAGE_SIZE = 50
 SAFETY_SAMPLE = 50  # reused keys, clients ahead, clients of an old epoch
 ONLINE_CLIENTS = 5  # devices that long-poll with wait() during the second half
+AIO_USERS = 200  # coroutines of the asyncio phase (one user each)
 MIN_GROUP, MAX_GROUP = 3, 50
 _GROUP_CONV_BASE = 1 << 40  # conv ids of groups; 1:1 conv ids stay below
 _FILLER = (
@@ -140,6 +147,7 @@ class DemoResult:
     failures: tuple[str, ...]
     failure_count: int
     total_seconds: float
+    aio: AioResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -507,6 +515,8 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
             run.fail(f"store.check() counts {check.get('messages')} stored messages, expected one per delivery: {stored}")
         if check and check.get("dedup_entries") != stored:
             run.fail(f"store.check() counts {check.get('dedup_entries')} dedup entries, expected {stored}")
+        run.progress("asyncio", 0, 1, "")
+        aio = _demo_aio.run_aio_phase(min(config.users, AIO_USERS), config.seed + 5, run.fail)
     finally:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
@@ -539,6 +549,7 @@ def run_demo(config: DemoConfig = DemoConfig(), on_progress: Callable[[Progress]
         failures=tuple(run.failures),
         failure_count=run.failure_count,
         total_seconds=time.perf_counter() - began,
+        aio=aio,
     )
 
 
@@ -576,6 +587,17 @@ def format_report(result: DemoResult) -> str:
         f" a follower applied {t.follower_changes:,} (restarted half-way), {t.follower_users:,} inboxes equal the leader's"
     )
     lines.append(f"  snapshots      a base, 3 writes, a delta, restored into a new store: {t.restored_users:,} heads equal, check() clean, new epoch")
+    a = result.aio
+    if a is not None:
+        gateway = (
+            f"; gateway on 127.0.0.1: {a.gateway_clients} WebSocket clients sent {a.gateway_messages}, {a.reconnects} dropped and resumed, each got its pushes once, in order"
+            if a.gateway_clients
+            else "; gateway skipped (pip install 'syncstore[gateway]')"
+        )
+        lines.append(
+            f"  asyncio        {a.coroutines} coroutines delivered {a.messages:,} ({a.rate:,.0f} msg/s durable), {a.duplicates} retries"
+            f" answered duplicate; an async follow got {a.tail_changes:,}; {a.inboxes} inboxes exact{gateway}"
+        )
     if result.check:
         lines.append(
             f"  store.check()  {result.check['users']:,} users, {result.check['inbox_entries']:,} inbox entries referencing"

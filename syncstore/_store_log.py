@@ -89,6 +89,11 @@ class ChangeLogFacade:
         :class:`InvalidArgument` for a ``since`` beyond :attr:`lsn`.  Change
         kinds and their fields: :class:`Change`; format: docs/format.md.
         """
+        self._check_changes(since, limit, follow, timeout)
+        return self._changelog.changes(since, limit, follow, timeout)
+
+    def _check_changes(self, since: int, limit: int | None, follow: bool, timeout: float | None) -> None:
+        """Validate :meth:`changes`' arguments (no I/O: ``syncstore.aio`` calls it on the event loop)."""
         self._check_usable()
         check_u64("since", since)
         if limit is not None and (type(limit) is not int or limit < 1):
@@ -98,7 +103,6 @@ class ChangeLogFacade:
         _check_timeout(timeout)
         if timeout is not None and not follow:
             raise InvalidArgument("timeout is how long follow=True waits for new changes: pass follow=True too, or no timeout", key="timeout")
-        return self._changelog.changes(since, limit, follow, timeout)
 
     def wait(self, user: int, since: int, timeout: float | None = None) -> bool:
         """Block until ``head(user) > since`` (True), or ``timeout`` seconds pass (False): an IM gateway's long-poll.
@@ -107,11 +111,15 @@ class ChangeLogFacade:
         read-only view, which has no writer to wake it, re-checks every 50 ms).
         Returns False too if the store closes meanwhile.
         """
+        self._check_wait(user, since, timeout)
+        return self._changelog.wait(user, since, timeout)
+
+    def _check_wait(self, user: int, since: int, timeout: float | None) -> None:
+        """Validate :meth:`wait`'s arguments (no I/O)."""
         self._check_usable()
         check_u64("user", user)
         check_u64("since", since)
         _check_timeout(timeout)
-        return self._changelog.wait(user, since, timeout)
 
     def consumer(self, name: str, start: int | None = None) -> Consumer:
         """The named, persistent consumer ``name``, created at position ``start`` (None: :attr:`lsn`) if new.
@@ -229,6 +237,10 @@ class ChangeLogFacade:
         ``follow`` and ``timeout`` as in :meth:`changes`.  Every event has
         ``encode()``; a follower takes each with :meth:`apply`.
         """
+        return feed(self._changelog, since, follow, timeout, self._check_feed(since, follow, timeout, snapshot_dir))
+
+    def _check_feed(self, since: int, follow: bool, timeout: float | None, snapshot_dir: str | None) -> Callable[[], object] | None:
+        """Validate :meth:`feed`'s arguments (no I/O); return how to take a snapshot into ``snapshot_dir`` (None: not given)."""
         self._check_usable()
         check_u64("since", since)
         if type(follow) is not bool:
@@ -242,7 +254,7 @@ class ChangeLogFacade:
             if os.path.commonpath([inside, os.path.realpath(self.path)]) == os.path.realpath(self.path):
                 raise InvalidArgument(f"snapshot_dir {snapshot_dir} is inside the store", key="snapshot_dir", hint="write snapshots outside the store directory (another disk, ideally)")
             take = functools.partial(self.snapshot, os.fspath(snapshot_dir))
-        return feed(self._changelog, since, follow, timeout, take)
+        return take
 
     def promote(self) -> int:
         """Turn this follower into a writable leader (failover); return its new epoch.

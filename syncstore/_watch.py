@@ -7,16 +7,28 @@ high watermark moved); a thread in :meth:`Store.wait` is woken only when one
 of those records reaches its user, and a tail (``changes(follow=True)``) on
 every move of the high watermark.  With no waiter registered, notifying costs
 one attribute test per group commit.
+
+A waiter is anything with a ``set()`` method: a :class:`threading.Event` for a
+thread, or what :mod:`syncstore.aio` registers to wake a coroutine (its
+``set`` runs in the notifying thread, under this registry's lock, so it only
+posts the news to the event loop).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Protocol
 
 from ._codec import Deliver, Record
 
-__all__ = ["Watchers"]
+__all__ = ["Watchers", "Settable"]
+
+
+class Settable(Protocol):
+    """What waits in :class:`Watchers`: told by ``set()`` that something it may care about happened."""
+
+    def set(self) -> None: ...
 
 
 class Watchers:
@@ -25,30 +37,38 @@ class Watchers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
-        self._users: dict[int, list[threading.Event]] = {}
-        self._tails: list[threading.Event] = []
+        self._users: dict[int, list[Settable]] = {}
+        self._tails: list[Settable] = []
         self.active = False  # anyone registered: the writer then looks at what became durable
         self.closed = False  # the store stopped: waiters give up
 
     def watch_user(self, uid: int) -> threading.Event:
         """Register an event set whenever a durable record reaches ``uid``; :meth:`unwatch` it after."""
         event = threading.Event()
+        self.add_user(uid, event)
+        return event
+
+    def add_user(self, uid: int, event: Settable) -> None:
+        """Register ``event``: set whenever a durable record reaches ``uid``; :meth:`unwatch` it after."""
         with self._lock:
             self._users.setdefault(uid, []).append(event)
             self.active = True
             self._registered.notify_all()
-        return event
 
     def watch_log(self) -> threading.Event:
         """Register an event set whenever any record becomes durable."""
         event = threading.Event()
+        self.add_tail(event)
+        return event
+
+    def add_tail(self, event: Settable) -> None:
+        """Register ``event``: set whenever any record becomes durable; :meth:`unwatch` it after."""
         with self._lock:
             self._tails.append(event)
             self.active = True
             self._registered.notify_all()
-        return event
 
-    def unwatch(self, event: threading.Event, uid: int | None = None) -> None:
+    def unwatch(self, event: Settable, uid: int | None = None) -> None:
         with self._lock:
             if uid is None:
                 self._tails.remove(event)

@@ -56,6 +56,7 @@ from ._codec import Deliver, Pairs
 from ._idempotency import Idempotency
 from ._ids import MessageIds, msg_id_ms
 from ._appends import PURGE_BATCH, RecordAppends
+from ._loopwrites import LoopDeliveries, Releasable
 from ._overlay import Overlay
 from ._watch import Watchers
 from .errors import CorruptionError, DurabilityError, StoreClosed, StoreFull, SyncStoreError
@@ -122,7 +123,12 @@ _gc_paused = _GcPause()
 
 
 class _Waiter:
-    """A caller blocked until its LSN is acknowledged: a held lock, and the error if it never is."""
+    """A caller blocked until its LSN is acknowledged: a held lock, and the error if it never is.
+
+    The flusher calls :meth:`release`; any object with that method can wait
+    in the writer's heap (:mod:`syncstore._loopwrites` registers ones that
+    complete an event loop's future instead of waking a thread).
+    """
 
     __slots__ = ("lock", "error")
 
@@ -131,8 +137,13 @@ class _Waiter:
         self.lock.acquire()
         self.error: SyncStoreError | None = None
 
+    def release(self, error: SyncStoreError | None) -> None:
+        """Acknowledged (``error`` None) or failed: wake the caller.  Sequencing lock held."""
+        self.error = error
+        self.lock.release()
 
-class Writer(RecordAppends):
+
+class Writer(RecordAppends, LoopDeliveries):
     """Sequencing, group commit and applier of one writable store; see the module docstring.
 
     Records sequenced elsewhere -- expiry, a leader's records on a follower --
@@ -201,7 +212,7 @@ class Writer(RecordAppends):
         # flusher releases exactly the ones it acknowledged: a notify_all would wake
         # every waiter each round, and in CPython each needless wake-up is a GIL
         # hand-off (8-thread throughput rose ~50 % with this).
-        self._waiters: list[tuple[int, int, _Waiter]] = []
+        self._waiters: list[tuple[int, int, Releasable]] = []
         self._tiebreak = itertools.count()
         self._work = threading.Condition(self.lock)  # wakes the idle flusher
         self._flusher_idle = False
@@ -426,9 +437,7 @@ class Writer(RecordAppends):
         """Wake every caller waiting for an LSN <= ``upto_lsn``, with ``error`` if given.  Sequencing lock held."""
         waiters = self._waiters
         while waiters and waiters[0][0] <= upto_lsn:
-            waiter = heapq.heappop(waiters)[2]
-            waiter.error = error
-            waiter.lock.release()
+            heapq.heappop(waiters)[2].release(error)
 
     def _flush_loop(self) -> None:
         """Write every frame sequenced so far, back to back, until stopped and drained."""

@@ -367,6 +367,13 @@ class ChangeLog:
 
     def changes(self, since: int, limit: int | None, follow: bool, timeout: float | None) -> Iterator[Change]:
         """See :meth:`Store.changes`.  Checks the position now; the iterator reads lazily."""
+        return self._iterate(self.open_reader(since), since, limit, follow, timeout)
+
+    def open_reader(self, since: int) -> LogReader:
+        """A reader positioned after ``since`` (:meth:`read` reads on); raises as :meth:`Store.changes` does for a bad position.
+
+        The caller closes it.  (:mod:`syncstore.aio` follows the log with it, waiting on the event loop.)
+        """
         end = self.visible()
         if since > end:
             raise InvalidArgument(
@@ -378,10 +385,13 @@ class ChangeLog:
         if since < end and reader.position(since) is None:  # the log no longer holds since + 1
             reader.close()
             raise self.snapshot_required(since)
-        return self._iterate(reader, since, limit, follow, timeout)
+        return reader
 
-    def _read(self, reader: LogReader, after: int, limit: int) -> list[Change]:
-        """Up to ``limit`` visible changes after ``after`` (the reader resumes where it stopped)."""
+    def read(self, reader: LogReader, after: int, limit: int) -> list[Change]:
+        """Up to ``limit`` visible changes after ``after`` (the reader resumes where it stopped).
+
+        Raises :class:`LogRetired` if retention overtook the reader (callers turn it into :meth:`snapshot_required`).
+        """
         return [
             Change.of(frame.lsn, _codec.decode_record(frame.rtype, frame.body, frame.lsn, reader.path_of(frame.lsn), frame.offset))
             for frame in itertools.islice(reader.frames(after, self.visible()), limit)
@@ -390,12 +400,12 @@ class ChangeLog:
     def _iterate(self, reader: LogReader, since: int, limit: int | None, follow_: bool, timeout: float | None) -> Iterator[Change]:
         try:
             if not follow_:  # the same loop, with nothing to wait for
-                yield from follow(functools.partial(self._read, reader), lambda _after, _remaining: False, since, limit, None, self._monotonic)
+                yield from follow(functools.partial(self.read, reader), lambda _after, _remaining: False, since, limit, None, self._monotonic)
                 return
             watchers = self._watchers()
             event = watchers.watch_log() if watchers is not None else None
             try:
-                yield from follow(functools.partial(self._read, reader), functools.partial(self._wait, event), since, limit, timeout, self._monotonic)
+                yield from follow(functools.partial(self.read, reader), functools.partial(self._wait, event), since, limit, timeout, self._monotonic)
             finally:
                 if event is not None and watchers is not None:
                     watchers.unwatch(event)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import __version__, _cli_changelog, _cli_snapshot
+from . import __version__, _cli_changelog, _cli_gateway, _cli_snapshot
 from ._cli_args import int_at_least as _int_at_least
 from ._demo import DemoConfig, Progress, format_report, run_demo
 
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(run=_cmd_upgrade)
     _cli_changelog.register(commands)
     _cli_snapshot.register(commands)
+    _cli_gateway.register(commands)
     return parser
 
 

@@ -127,6 +127,24 @@ class _Gate:
                 raise StoreClosed("the store is closed", path=self._path)
             self._readers += 1
 
+    def try_enter(self) -> bool:
+        """:meth:`enter` if that needs no waiting (its lock free, no exclusive action running); else False.
+
+        For callers that must not block (an event loop thread, see
+        :mod:`syncstore.aio`): they hand the work to a thread when this says no.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._exclusive:
+                return False
+            if self.closed:
+                raise StoreClosed("the store is closed", path=self._path)
+            self._readers += 1
+            return True
+        finally:
+            self._lock.release()
+
     def leave(self) -> None:
         with self._lock:
             self._readers -= 1
@@ -170,16 +188,20 @@ class _ReadTxn:
     LMDB errors inside the ``with`` body come out as :class:`SyncStoreError`.
     """
 
-    __slots__ = ("_state", "_txn")
+    __slots__ = ("_state", "_txn", "_entered")
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, entered: bool = False) -> None:
         self._state = state
+        self._entered = entered  # the caller already passed the gate (State.read_nowait)
 
     def __enter__(self) -> lmdb.Transaction:
         state = self._state
         cleared = False
         while True:
-            state.gate.enter()
+            if self._entered:
+                self._entered = False
+            else:
+                state.gate.enter()
             try:
                 self._txn = state.env.begin(buffers=False)
                 return self._txn
@@ -385,6 +407,10 @@ class State:
     def read(self) -> _ReadTxn:
         """``with state.read() as txn``: a short read transaction (a long one pins pages)."""
         return _ReadTxn(self)
+
+    def read_nowait(self) -> _ReadTxn | None:
+        """Like :meth:`read`, or None if passing the gate would wait (a map resize or close under way)."""
+        return _ReadTxn(self, entered=True) if self.gate.try_enter() else None
 
     def _write(self, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body`` in a write transaction, growing a full map and retrying.
